@@ -1,0 +1,557 @@
+"""Structured operators whose methods exploit their structure exactly.
+
+``Dense``, ``Diagonal``, ``Identity``, ``Kronecker``, ``BlockDiagonal``, ``LowRank`` and
+``SymmetricEigen``. Each implements what its structure allows among ``inverse``, ``pow``,
+``eigh``, ``trace``, ``logdet`` and ``diagonal``; the rest fall back on the base class, which
+names the estimator or solver to use instead.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from curvkit.linalg.operator import LinearOperator, _common
+
+__all__ = ["Dense", "Diagonal", "Identity", "Kronecker", "BlockDiagonal", "LowRank", "SymmetricEigen"]
+
+
+def _require_square(op: LinearOperator, method: str) -> int:
+    m, n = op.shape
+    if m != n:
+        raise ValueError(f"{type(op).__name__}.{method}: needs a square operator; got shape {op.shape}.")
+    return n
+
+
+def _require_symmetric(op: LinearOperator, method: str) -> None:
+    if not op.is_symmetric:
+        raise ValueError(
+            f"{type(op).__name__}.{method}: needs a symmetric operator; construct it with "
+            "symmetric=True if it is."
+        )
+
+
+def _check_damping(damping: float, caller: str) -> float:
+    damping = float(damping)
+    if not math.isfinite(damping) or damping < 0:
+        raise ValueError(f"{caller}: damping must be a finite number >= 0; got {damping}.")
+    return damping
+
+
+def _spectral_pow(evals: Tensor, p: float, caller: str) -> Tensor:
+    """``λ^p`` for the eigenvalues of a PSD matrix; negative eigenvalues are an error, not clamped."""
+    if p != int(p) and (evals < 0).any():
+        raise ValueError(
+            f"{caller}: fractional power {p} of a matrix with negative eigenvalues "
+            f"(min {evals.min().item():.3e}); add damping or clamp the spectrum explicitly."
+        )
+    if p < 0 and (evals == 0).any():
+        raise ValueError(f"{caller}: negative power {p} of a singular matrix; add damping.")
+    return evals.pow(p)
+
+
+def _cholesky_solve_inverse(M: Tensor, caller: str) -> Tensor:
+    """Inverse of an SPD matrix by Cholesky, retried in float64 with a warning if it fails."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if not info.any():
+        return torch.cholesky_inverse(L)
+    if M.dtype == torch.float64:
+        raise torch.linalg.LinAlgError(f"{caller}: Cholesky failed; the matrix is not positive definite.")
+    warnings.warn(f"{caller}: Cholesky failed in {M.dtype}; retrying in float64.", stacklevel=3)
+    M64 = M.double()
+    L, info = torch.linalg.cholesky_ex(M64)
+    if info.any():
+        raise torch.linalg.LinAlgError(
+            f"{caller}: Cholesky failed in float64 too; the matrix is not positive definite "
+            "(add damping)."
+        )
+    return torch.cholesky_inverse(L).to(M.dtype)
+
+
+# --------------------------------------------------------------------------- Dense
+class Dense(LinearOperator):
+    """An explicit ``(m, n)`` matrix.
+
+    Args:
+        M: Matrix of shape ``(m, n)``.
+        symmetric: Declare ``M`` symmetric (enables ``eigh``, ``pow``, the Cholesky inverse).
+        psd: Declare ``M`` positive semi-definite (implies ``symmetric``).
+    """
+
+    def __init__(self, M: Tensor, *, symmetric: bool = False, psd: bool = False):
+        if not isinstance(M, Tensor) or M.ndim != 2:
+            raise ValueError(f"Dense: expected a 2-d tensor; got {getattr(M, 'shape', type(M))}.")
+        super().__init__(tuple(M.shape), dtype=M.dtype, device=M.device)
+        self.M = M
+        self.is_symmetric = symmetric or psd
+        self.is_psd = psd
+
+    def _matmat(self, X):
+        return self.M @ X
+
+    def _rmatmat(self, Y):
+        return self.M.T @ Y
+
+    def _to(self, dtype, device):
+        return Dense(self.M.to(dtype=dtype, device=device), symmetric=self.is_symmetric, psd=self.is_psd)
+
+    def to_dense(self):
+        return self.M
+
+    def trace(self):
+        _require_square(self, "trace")
+        return self.M.trace()
+
+    def diagonal(self):
+        return self.M.diagonal()
+
+    def logdet(self):
+        _require_square(self, "logdet")
+        sign, logabs = torch.linalg.slogdet(self.M)
+        if sign <= 0:
+            raise ValueError(f"Dense.logdet: determinant is not positive (sign {sign.item():+.0f}).")
+        return logabs
+
+    def eigh(self):
+        _require_symmetric(self, "eigh")
+        return torch.linalg.eigh(self.M)
+
+    def pow(self, p):
+        _require_symmetric(self, "pow")
+        evals, Q = torch.linalg.eigh(self.M)
+        return Dense((Q * _spectral_pow(evals, p, "Dense.pow")) @ Q.T, symmetric=True, psd=self.is_psd)
+
+    def inverse(self, damping: float = 0.0, **_):
+        n = _require_square(self, "inverse")
+        damping = _check_damping(damping, "Dense.inverse")
+        M = self.M + damping * torch.eye(n, dtype=self.dtype, device=self.device) if damping else self.M
+        if self.is_psd:
+            return Dense(_cholesky_solve_inverse(M, "Dense.inverse"), psd=True)
+        return Dense(torch.linalg.inv(M), symmetric=self.is_symmetric)
+
+
+# --------------------------------------------------------------------------- Diagonal / Identity
+class Diagonal(LinearOperator):
+    """``diag(d)`` for ``d`` of shape ``(n,)``."""
+
+    is_symmetric = True
+
+    def __init__(self, d: Tensor):
+        if not isinstance(d, Tensor) or d.ndim != 1:
+            raise ValueError(f"Diagonal: expected a 1-d tensor; got {getattr(d, 'shape', type(d))}.")
+        super().__init__((d.shape[0], d.shape[0]), dtype=d.dtype, device=d.device)
+        self.d = d
+        self.is_psd = bool((d >= 0).all())
+
+    def _matmat(self, X):
+        return self.d.unsqueeze(1) * X
+
+    def _to(self, dtype, device):
+        return Diagonal(self.d.to(dtype=dtype, device=device))
+
+    def to_dense(self):
+        return torch.diag(self.d)
+
+    def trace(self):
+        return self.d.sum()
+
+    def diagonal(self):
+        return self.d
+
+    def logdet(self):
+        if (self.d <= 0).any():
+            raise ValueError("Diagonal.logdet: entries must be positive for a real log-determinant.")
+        return self.d.log().sum()
+
+    def eigh(self):
+        evals, order = self.d.sort()
+        Q = torch.eye(self.shape[0], dtype=self.dtype, device=self.device)[:, order]
+        return evals, Q
+
+    def pow(self, p):
+        return Diagonal(_spectral_pow(self.d, p, "Diagonal.pow"))
+
+    def inverse(self, damping: float = 0.0, **_):
+        d = self.d + _check_damping(damping, "Diagonal.inverse")
+        if (d == 0).any():
+            raise ValueError("Diagonal.inverse: the diagonal has zeros; add damping.")
+        return Diagonal(1.0 / d)
+
+
+class Identity(LinearOperator):
+    """``scale · I_n``.
+
+    Args:
+        n: Size.
+        scale: Scalar multiple of the identity.
+        dtype, device: Of the vectors it acts on.
+        in_shapes: Optional parameter shapes (list products).
+    """
+
+    is_symmetric = True
+
+    def __init__(self, n: int, scale: float = 1.0, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu", in_shapes=None):
+        super().__init__((n, n), dtype=dtype or torch.get_default_dtype(), device=device,
+                         in_shapes=in_shapes)
+        self.scale = float(scale)
+        self.is_psd = self.scale >= 0
+
+    def _matmat(self, X):
+        return self.scale * X
+
+    def _to(self, dtype, device):
+        return Identity(self.shape[0], self.scale, dtype=dtype, device=device, in_shapes=self.in_shapes)
+
+    def _full(self, value: float) -> Tensor:
+        return torch.full((self.shape[0],), value, dtype=self.dtype, device=self.device)
+
+    def trace(self):
+        return torch.tensor(self.scale * self.shape[0], dtype=self.dtype, device=self.device)
+
+    def diagonal(self):
+        return self._full(self.scale)
+
+    def logdet(self):
+        if self.scale <= 0:
+            raise ValueError(f"Identity.logdet: scale must be positive; got {self.scale}.")
+        return torch.tensor(self.shape[0] * math.log(self.scale), dtype=self.dtype, device=self.device)
+
+    def eigh(self):
+        return self._full(self.scale), Identity(self.shape[0], dtype=self.dtype, device=self.device)
+
+    def pow(self, p):
+        return Identity(self.shape[0], _spectral_pow(torch.tensor(self.scale), p, "Identity.pow").item(),
+                        dtype=self.dtype, device=self.device, in_shapes=self.in_shapes)
+
+    def inverse(self, damping: float = 0.0, **_):
+        s = self.scale + _check_damping(damping, "Identity.inverse")
+        if s == 0:
+            raise ValueError("Identity.inverse: zero scale; add damping.")
+        return Identity(self.shape[0], 1.0 / s, dtype=self.dtype, device=self.device,
+                        in_shapes=self.in_shapes)
+
+
+# --------------------------------------------------------------------------- Kronecker
+class Kronecker(LinearOperator):
+    """``A_1 ⊗ A_2 ⊗ ... ⊗ A_r``, never materialised.
+
+    Vectors are row-major: ``(A ⊗ B) vec(V) = vec(A V Bᵀ)`` for ``V`` of shape ``(n_A, n_B)``,
+    matching ``torch.kron`` and ``Tensor.flatten``.
+
+    Args:
+        *factors: Matrices ``A_i`` of shapes ``(m_i, n_i)``.
+        symmetric: Declare every factor symmetric (default: inferred from exact symmetry of the
+            factors). ``psd=True`` declares every factor PSD.
+    """
+
+    def __init__(self, *factors: Tensor, symmetric: bool | None = None, psd: bool = False):
+        if not factors or any(not isinstance(f, Tensor) or f.ndim != 2 for f in factors):
+            raise ValueError(
+                "Kronecker: expected one or more 2-d tensors; got "
+                f"{[tuple(getattr(f, 'shape', ())) for f in factors]}."
+            )
+        dtypes, devices = {f.dtype for f in factors}, {f.device for f in factors}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise TypeError(f"Kronecker: factors must share dtype and device; got {dtypes}, {devices}.")
+        m = math.prod(f.shape[0] for f in factors)
+        n = math.prod(f.shape[1] for f in factors)
+        super().__init__((m, n), dtype=factors[0].dtype, device=factors[0].device)
+        self.factors = list(factors)
+        if symmetric is None:
+            symmetric = psd or all(f.shape[0] == f.shape[1] and torch.equal(f, f.T) for f in factors)
+        self.is_symmetric = symmetric or psd
+        self.is_psd = psd
+
+    def _apply(self, mats: Sequence[Tensor], X: Tensor) -> Tensor:
+        # Contract each mode in turn: (n_1, ..., n_r, k) -> (m_1, ..., m_r, k). Each step is one
+        # matmul over the leading mode, then a cyclic shift of the modes.
+        k = X.shape[1]
+        T = X.reshape(*[M.shape[1] for M in mats], k)
+        for M in mats:
+            rest = T.shape[1:]
+            T = (M @ T.reshape(T.shape[0], -1)).reshape(M.shape[0], *rest)
+            T = T.movedim(0, -2)  # bring the next mode to the front, keep k last
+        return T.reshape(-1, k)
+
+    def _matmat(self, X):
+        return self._apply(self.factors, X)
+
+    def _rmatmat(self, Y):
+        return self._apply([f.T for f in self.factors], Y)
+
+    def _to(self, dtype, device):
+        return Kronecker(*[f.to(dtype=dtype, device=device) for f in self.factors],
+                         symmetric=self.is_symmetric, psd=self.is_psd)
+
+    def to_dense(self):
+        out = self.factors[0]
+        for f in self.factors[1:]:
+            out = torch.kron(out, f)
+        return out
+
+    def _sizes(self, method: str) -> list[int]:
+        _require_square(self, method)
+        if any(f.shape[0] != f.shape[1] for f in self.factors):
+            raise ValueError(f"Kronecker.{method}: needs square factors; got {[tuple(f.shape) for f in self.factors]}.")
+        return [f.shape[0] for f in self.factors]
+
+    def trace(self):  # tr(A ⊗ B) = tr A · tr B
+        self._sizes("trace")
+        return math.prod(f.trace() for f in self.factors)
+
+    def diagonal(self):
+        self._sizes("diagonal")
+        out = self.factors[0].diagonal()
+        for f in self.factors[1:]:
+            out = torch.outer(out, f.diagonal()).flatten()
+        return out
+
+    def logdet(self):  # logdet(A ⊗ B) = n_B logdet A + n_A logdet B
+        sizes = self._sizes("logdet")
+        n = math.prod(sizes)
+        total = 0.0
+        for f, s in zip(self.factors, sizes):
+            sign, logabs = torch.linalg.slogdet(f)
+            if sign <= 0:
+                raise ValueError("Kronecker.logdet: a factor has non-positive determinant.")
+            total = total + (n // s) * logabs
+        return total
+
+    def eigh(self):
+        """Eigenvalues ``(n,)`` (in Kronecker order, not sorted) and eigenvectors as a ``Kronecker``."""
+        self._sizes("eigh")
+        _require_symmetric(self, "eigh")
+        pairs = [torch.linalg.eigh(f) for f in self.factors]
+        evals = pairs[0][0]
+        for lam, _ in pairs[1:]:
+            evals = torch.outer(evals, lam).flatten()
+        return evals, Kronecker(*[Q for _, Q in pairs])
+
+    def pow(self, p):
+        """``(⊗ A_i)^p = ⊗ A_i^p`` for symmetric PSD factors."""
+        self._sizes("pow")
+        _require_symmetric(self, "pow")
+        out = []
+        for f in self.factors:
+            lam, Q = torch.linalg.eigh(f)
+            out.append((Q * _spectral_pow(lam, p, "Kronecker.pow")) @ Q.T)
+        return Kronecker(*out, symmetric=True, psd=self.is_psd)
+
+    def inverse(self, damping: float = 0.0, **_):
+        """``(⊗ A_i + λ I)^{-1}``: factor-wise inverses when ``λ = 0``, else via ``eigh``.
+
+        Damping is exact (added to the Kronecker product, not to the factors); for per-factor
+        damping invert ``Kronecker(A + a I, B + b I)`` instead.
+        """
+        self._sizes("inverse")
+        damping = _check_damping(damping, "Kronecker.inverse")
+        if damping == 0.0:
+            invs = [_cholesky_solve_inverse(f, "Kronecker.inverse") if self.is_psd else torch.linalg.inv(f)
+                    for f in self.factors]
+            return Kronecker(*invs, symmetric=self.is_symmetric, psd=self.is_psd)
+        evals, Q = self.eigh()
+        shifted = evals + damping
+        if (shifted == 0).any():
+            raise ValueError("Kronecker.inverse: the damped matrix is singular.")
+        return SymmetricEigen(Q, 1.0 / shifted)
+
+
+# --------------------------------------------------------------------------- BlockDiagonal
+class BlockDiagonal(LinearOperator):
+    """``diag(B_1, ..., B_r)`` of operators (or tensors, wrapped as ``Dense``)."""
+
+    def __init__(self, blocks: Sequence[LinearOperator | Tensor], *, in_shapes=None):
+        blocks = [Dense(b) if isinstance(b, Tensor) else b for b in blocks]
+        if not blocks:
+            raise ValueError("BlockDiagonal: expected at least one block.")
+        dtype, device = _common(blocks, "BlockDiagonal")
+        m = sum(b.shape[0] for b in blocks)
+        n = sum(b.shape[1] for b in blocks)
+        super().__init__((m, n), dtype=dtype, device=device, in_shapes=in_shapes)
+        self.blocks = list(blocks)
+        self.is_symmetric = all(b.is_symmetric for b in blocks)
+        self.is_psd = all(b.is_psd for b in blocks)
+
+    def _split_apply(self, X, transpose: bool):
+        sizes = [b.shape[0 if transpose else 1] for b in self.blocks]
+        parts = X.split(sizes)
+        return torch.cat([(b._rmatmat if transpose else b._matmat)(x) for b, x in zip(self.blocks, parts)])
+
+    def _matmat(self, X):
+        return self._split_apply(X, transpose=False)
+
+    def _rmatmat(self, Y):
+        return self._split_apply(Y, transpose=True)
+
+    def _to(self, dtype, device):
+        return BlockDiagonal([b._to(dtype, device) for b in self.blocks], in_shapes=self.in_shapes)
+
+    def _map(self, fn) -> BlockDiagonal:
+        return BlockDiagonal([fn(b) for b in self.blocks], in_shapes=self.in_shapes)
+
+    def trace(self):
+        return sum(b.trace() for b in self.blocks)
+
+    def diagonal(self):
+        return torch.cat([b.diagonal() for b in self.blocks])
+
+    def logdet(self):
+        return sum(b.logdet() for b in self.blocks)
+
+    def eigh(self):
+        """Eigenvalues ``(n,)`` (block by block) and a ``BlockDiagonal`` of the blocks' eigenvectors."""
+        pairs = [b.eigh() for b in self.blocks]
+        return torch.cat([lam for lam, _ in pairs]), BlockDiagonal([Q for _, Q in pairs])
+
+    def pow(self, p):
+        return self._map(lambda b: b.pow(p))
+
+    def inverse(self, damping: float = 0.0, **kwargs):
+        return self._map(lambda b: b.inverse(damping, **kwargs))
+
+
+# --------------------------------------------------------------------------- LowRank
+class LowRank(LinearOperator):
+    """``U diag(s) Vᵀ`` with ``U: (m, r)``, ``s: (r,)``, ``V: (n, r)``; symmetric when ``V`` is None.
+
+    The symmetric form ``U diag(s) Uᵀ`` (as returned by ``nystrom``) supports the damped inverse
+    by the Woodbury identity, ``eigh``, ``pow``, ``trace`` and ``diagonal``.
+    """
+
+    def __init__(self, U: Tensor, s: Tensor, V: Tensor | None = None):
+        if U.ndim != 2 or s.ndim != 1 or s.shape[0] != U.shape[1]:
+            raise ValueError(f"LowRank: expected U (m, r) and s (r,); got {tuple(U.shape)} and {tuple(s.shape)}.")
+        if V is not None and (V.ndim != 2 or V.shape[1] != U.shape[1]):
+            raise ValueError(f"LowRank: expected V (n, {U.shape[1]}); got {tuple(V.shape)}.")
+        n = U.shape[0] if V is None else V.shape[0]
+        super().__init__((U.shape[0], n), dtype=U.dtype, device=U.device)
+        self.U, self.s, self.V = U, s, V
+        self.is_symmetric = V is None
+        self.is_psd = V is None and bool((s >= 0).all())
+
+    def _matmat(self, X):
+        V = self.U if self.V is None else self.V
+        return self.U @ (self.s.unsqueeze(1) * (V.T @ X))
+
+    def _rmatmat(self, Y):
+        V = self.U if self.V is None else self.V
+        return V @ (self.s.unsqueeze(1) * (self.U.T @ Y))
+
+    def _to(self, dtype, device):
+        conv = lambda t: None if t is None else t.to(dtype=dtype, device=device)  # noqa: E731
+        return LowRank(conv(self.U), conv(self.s), conv(self.V))
+
+    def trace(self):  # tr(U S Vᵀ) = Σ_j s_j ⟨v_j, u_j⟩
+        _require_square(self, "trace")
+        V = self.U if self.V is None else self.V
+        return (self.s * (self.U * V).sum(0)).sum()
+
+    def diagonal(self):
+        _require_square(self, "diagonal")
+        V = self.U if self.V is None else self.V
+        return (self.U * V) @ self.s
+
+    def eigh(self):
+        """Orthonormal form ``Q diag(λ) Qᵀ`` (``Q: (n, r)``) from a thin QR and an ``r × r`` eigh."""
+        _require_symmetric(self, "eigh")
+        Q, R = torch.linalg.qr(self.U)
+        lam, W = torch.linalg.eigh((R * self.s) @ R.T)
+        return lam, Q @ W
+
+    def _as_eigen(self) -> SymmetricEigen:
+        lam, Q = self.eigh()
+        return SymmetricEigen(Q, lam)
+
+    def pow(self, p):
+        return self._as_eigen().pow(p)
+
+    def logdet(self):
+        return self._as_eigen().logdet()
+
+    def inverse(self, damping: float = 0.0, **_):
+        """``(U S Uᵀ + λI)^{-1} = Q (Λ + λ)^{-1} Qᵀ + λ^{-1} (I − Q Qᵀ)`` (Woodbury, exact)."""
+        _require_symmetric(self, "inverse")
+        return self._as_eigen().inverse(damping)
+
+
+# --------------------------------------------------------------------------- SymmetricEigen
+class SymmetricEigen(LinearOperator):
+    """``Q diag(λ) Qᵀ + c (I − Q Qᵀ)`` with orthonormal columns ``Q: (n, r)``, ``r <= n``.
+
+    ``Q`` may be a tensor or an orthogonal operator (e.g. a ``Kronecker`` of eigenbases), so
+    that ``Kronecker.inverse(damping)`` stays structured. ``complement`` is the eigenvalue on the
+    orthogonal complement of ``range(Q)`` (zero for a plain eigendecomposition); it makes the
+    damped inverse of a low-rank operator exact.
+    """
+
+    is_symmetric = True
+
+    def __init__(self, Q: Tensor | LinearOperator, eigenvalues: Tensor, complement: float = 0.0):
+        n, r = Q.shape
+        if eigenvalues.shape != (r,):
+            raise ValueError(f"SymmetricEigen: expected eigenvalues of shape ({r},); got {tuple(eigenvalues.shape)}.")
+        if r > n:
+            raise ValueError(f"SymmetricEigen: Q must have at most n={n} columns; got {r}.")
+        super().__init__((n, n), dtype=eigenvalues.dtype, device=eigenvalues.device)
+        self.Q, self.eigenvalues, self.complement = Q, eigenvalues, float(complement)
+        self.is_psd = bool((eigenvalues >= 0).all()) and self.complement >= 0
+
+    @property
+    def rank(self) -> int:
+        return self.Q.shape[1]
+
+    def _matmat(self, X):
+        Qt_X = self.Q.T @ X
+        out = self.Q @ (self.eigenvalues.unsqueeze(1) * Qt_X)
+        if self.complement != 0.0 and self.rank < self.shape[0]:
+            out = out + self.complement * (X - self.Q @ Qt_X)
+        return out
+
+    def _to(self, dtype, device):
+        Q = self.Q.to(dtype=dtype, device=device)
+        return SymmetricEigen(Q, self.eigenvalues.to(dtype=dtype, device=device), self.complement)
+
+    def _full_spectrum(self) -> Tensor:
+        extra = self.shape[0] - self.rank
+        if extra == 0:
+            return self.eigenvalues
+        return torch.cat([self.eigenvalues, self.eigenvalues.new_full((extra,), self.complement)])
+
+    def trace(self):
+        return self.eigenvalues.sum() + self.complement * (self.shape[0] - self.rank)
+
+    def diagonal(self):
+        # diag(Q Λ Qᵀ) = (Q ∘ Q) λ; for a Kronecker Q, (Q ∘ Q) is the Kronecker of squared factors.
+        sq = Kronecker(*[f * f for f in self.Q.factors]) if isinstance(self.Q, Kronecker) else self.Q * self.Q
+        d = sq @ self.eigenvalues
+        if self.complement != 0.0 and self.rank < self.shape[0]:
+            d = d + self.complement * (1 - sq @ torch.ones_like(self.eigenvalues))
+        return d
+
+    def logdet(self):
+        spectrum = self._full_spectrum()
+        if (spectrum <= 0).any():
+            raise ValueError("SymmetricEigen.logdet: the spectrum has non-positive values.")
+        return spectrum.log().sum()
+
+    def eigh(self):
+        return self.eigenvalues, self.Q
+
+    def pow(self, p):
+        c = _spectral_pow(torch.tensor(self.complement), p, "SymmetricEigen.pow").item() if self.rank < self.shape[0] else 0.0
+        return SymmetricEigen(self.Q, _spectral_pow(self.eigenvalues, p, "SymmetricEigen.pow"), c)
+
+    def inverse(self, damping: float = 0.0, **_):
+        damping = _check_damping(damping, "SymmetricEigen.inverse")
+        if (self._full_spectrum() + damping == 0).any():
+            raise ValueError(
+                f"SymmetricEigen.inverse: the damped operator is singular (rank {self.rank} of "
+                f"{self.shape[0]} with damping {damping}); add damping."
+            )
+        c = 1.0 / (self.complement + damping) if self.rank < self.shape[0] else 0.0
+        return SymmetricEigen(self.Q, 1.0 / (self.eigenvalues + damping), c)
