@@ -1,0 +1,43 @@
+"""The ``curvkit`` command: ``curvkit check`` and, as their issues land, ``report``/``train``/``pinn``/``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import curvkit
+from curvkit.cli import check
+
+# Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+_COMMANDS = {
+    "check": check,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``curvkit`` command, one subparser per subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="curvkit",
+        description="Curvature of neural-network losses as fast matrix-free linear operators.",
+    )
+    parser.add_argument("--version", action="version", version=f"curvkit {curvkit.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in _COMMANDS.items():
+        doc = (module.__doc__ or "").strip().splitlines()[0]
+        module.add_arguments(sub.add_parser(name, help=doc, description=doc))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``curvkit`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return _COMMANDS[args.command].run(args)
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError, ImportError) as err:
+        print(f"curvkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
