@@ -1,0 +1,11 @@
+"""Structured optimizers: Shampoo, SOAP, KL-Shampoo, KL-SOAP and Muon.
+
+The four Kronecker-factored methods share one basis machinery (:mod:`curvkit.optim._basis`):
+bases refreshed by ``eigh``, by a QR power-iteration step, or by a subspace QR, and a
+``state_dtype`` (e.g. ``torch.bfloat16``) for their stored state.
+"""
+
+from curvkit.optim._common import NonFiniteGradientError
+from curvkit.optim.soap import SOAP
+
+__all__ = ["SOAP", "NonFiniteGradientError"]

@@ -1,0 +1,241 @@
+"""Validation, state storage, closures and distributed exchange shared by curvkit optimizers."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch import distributed as dist
+
+from curvkit.optim._basis import stochastic_round
+
+__all__ = [
+    "NonFiniteGradientError",
+    "adam_direction",
+    "check_betas",
+    "check_choice",
+    "check_int",
+    "check_range",
+    "exchange_updates",
+    "restore_state",
+    "run_closure",
+    "step_generator",
+    "store",
+    "world",
+]
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient holds ``nan`` or ``inf`` and the optimizer was told to raise."""
+
+
+# --------------------------------------------------------------------------- validation
+def check_range(caller: str, name: str, value: float, low: float, high: float | None = None,
+                *, low_open: bool = False, high_open: bool = True) -> float:
+    """Check ``low <= value <(=) high`` and return ``float(value)``.
+
+    Raises:
+        TypeError: If ``value`` is not a real number.
+        ValueError: If it is out of range; the message names the caller and the range.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{caller}: {name} must be a real number; got {type(value).__name__}.")
+    too_low = value <= low if low_open else value < low
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high or value != value:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        upper = "inf)" if high is None else f"{high}{right}"
+        raise ValueError(f"{caller}: {name} must be in {left}{low}, {upper}; got {value}.")
+    return float(value)
+
+
+def check_int(caller: str, name: str, value: int, low: int) -> int:
+    """Check that ``value`` is an integer ``>= low``.
+
+    Raises:
+        TypeError: If ``value`` is not an ``int``.
+        ValueError: If ``value < low``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{caller}: {name} must be an int; got {type(value).__name__}.")
+    if value < low:
+        raise ValueError(f"{caller}: {name} must be >= {low}; got {value}.")
+    return value
+
+
+def check_betas(caller: str, betas: tuple[float, float]) -> tuple[float, float]:
+    """Check a pair ``(beta1, beta2)`` in ``[0, 1)``.
+
+    Raises:
+        TypeError: If ``betas`` is not a pair.
+        ValueError: If an entry is out of range.
+    """
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"{caller}: betas must be a pair (beta1, beta2); got {betas!r}.")
+    return (check_range(caller, "betas[0]", betas[0], 0.0, 1.0),
+            check_range(caller, "betas[1]", betas[1], 0.0, 1.0))
+
+
+def check_choice(caller: str, name: str, value: object, choices: Iterable[object]) -> object:
+    """Check that ``value`` is one of ``choices``.
+
+    Raises:
+        ValueError: If it is not.
+    """
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{caller}: {name} must be one of {choices}; got {value!r}.")
+    return value
+
+
+def check_state_dtype(caller: str, dtype: torch.dtype | None) -> torch.dtype | None:
+    """Check a ``state_dtype`` option (``None`` means the parameter's working dtype).
+
+    Raises:
+        TypeError: If ``dtype`` is not ``None`` or a floating ``torch.dtype``.
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"{caller}: state_dtype must be None or a floating torch.dtype; "
+                        f"got {dtype!r}.")
+    return dtype
+
+
+# --------------------------------------------------------------------------- steps
+def run_closure(closure: Callable[[], Tensor] | None) -> Tensor | None:
+    """Evaluate a ``torch.optim`` closure with gradients enabled, as ``torch.optim`` does."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def gradients_finite(params: Iterable[Tensor]) -> bool:
+    """Whether every present gradient is finite (one reduction and one sync)."""
+    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def step_generator(seed: int, param_index: int, step: int) -> torch.Generator:
+    """Generator for stochastic rounding, a pure function of (seed, parameter, step).
+
+    Deriving the random bits from the step counter (not from a long-lived generator) makes a
+    resumed run draw exactly the bits of the uninterrupted run.
+    """
+    mixed = (seed * 1_000_003 + param_index * 7_919 + step * 104_729) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def working_dtype(param: Tensor) -> torch.dtype:
+    """Dtype of the transient compute buffers: float64 for float64 parameters, else float32."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def store(value: Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> Tensor:
+    """Write a working-precision value to storage dtype ``dtype``.
+
+    bfloat16 storage uses stochastic rounding when a generator is given (EMA state) and
+    round-to-nearest otherwise (bases).
+    """
+    if dtype == torch.bfloat16 and value.dtype != torch.bfloat16 and generator is not None:
+        return stochastic_round(value, generator)
+    return value.to(dtype)
+
+
+def adam_direction(grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: int,
+                   betas: tuple[float, float], eps: float, bias_correction: bool = True
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """One Adam direction (no learning rate) from working-precision moments.
+
+    Args:
+        grad: Gradient, any shape.
+        exp_avg: First moment, shaped like ``grad``.
+        exp_avg_sq: Second moment, shaped like ``grad``.
+        step: 1-based step count used for bias correction.
+        betas: ``(beta1, beta2)``.
+        eps: Added to ``sqrt(v_hat)``.
+        bias_correction: Divide the moments by ``1 - beta^step``.
+
+    Returns:
+        ``(direction, new exp_avg, new exp_avg_sq)``, all shaped like ``grad``.
+    """
+    beta1, beta2 = betas
+    exp_avg = exp_avg.lerp(grad, 1 - beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad.square()
+    c1 = 1 - beta1**step if bias_correction else 1.0
+    c2 = 1 - beta2**step if bias_correction else 1.0
+    direction = (exp_avg / c1) / ((exp_avg_sq / c2).sqrt() + eps)
+    return direction, exp_avg, exp_avg_sq
+
+
+# --------------------------------------------------------------------------- state dicts
+def restore_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Put the saved state back with its saved dtypes after ``Optimizer.load_state_dict``.
+
+    ``torch.optim`` casts every floating state tensor to its parameter's dtype on load, which
+    would turn bfloat16 state into float32 (and float32 state of float64 parameters into
+    float64) and break bit-for-bit resume; this undoes that cast.
+    """
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved = state_dict["state"]
+    for index, param in zip(saved_ids, params):
+        if index in saved:
+            optimizer.state[param] = _to_device(copy.deepcopy(saved[index]), param.device)
+
+
+def _to_device(value, device):
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+# --------------------------------------------------------------------------- distributed
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def exchange_updates(params: list[Tensor], owners: list[int]) -> None:
+    """All-gather the parameters each rank updated, so that every rank holds all of them.
+
+    Rank ``r`` updated exactly the parameters with ``owners[i] == r``; their new values are packed
+    into one flat buffer per dtype (padded to the longest rank's buffer) and all-gathered.
+
+    Args:
+        params: Every parameter, in the same order on every rank.
+        owners: Owning rank of each parameter.
+    """
+    rank, size = world()
+    if size == 1:
+        return
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        by_dtype.setdefault(p.dtype, []).append(i)
+    for dtype, indices in by_dtype.items():
+        counts = [sum(params[i].numel() for i in indices if owners[i] == r) for r in range(size)]
+        length = max(max(counts), 1)
+        device = params[indices[0]].device
+        mine = [params[i].detach().reshape(-1) for i in indices if owners[i] == rank]
+        buffer = torch.zeros(length, dtype=dtype, device=device)
+        if mine:
+            flat = torch.cat(mine)
+            buffer[: flat.numel()] = flat
+        gathered = [torch.empty_like(buffer) for _ in range(size)]
+        dist.all_gather(gathered, buffer)
+        offsets = [0] * size
+        for i in indices:
+            r = owners[i]
+            if r == rank:
+                continue
+            n = params[i].numel()
+            params[i].data.copy_(gathered[r][offsets[r]: offsets[r] + n].view_as(params[i]))
+            offsets[r] += n

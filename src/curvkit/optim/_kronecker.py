@@ -1,0 +1,336 @@
+"""The parameter loop shared by the Kronecker-factored optimizers.
+
+:class:`KroneckerOptimizer` turns each parameter into a working tensor (size-1 axes dropped,
+adjacent axes merged on request, large axes blocked or left unpreconditioned), keeps one state
+dict per block, and hands each block to a method-specific kernel (``_block_direction``) that
+returns the update direction. It also owns what every Kronecker method shares: the basis
+refresh schedule, the dependent-state bookkeeping of :class:`~curvkit.optim._basis.BasisChange`,
+bfloat16 storage, the non-finite-gradient policy, decoupled weight decay, resume-exact state
+dicts and the distributed split of the work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from curvkit.optim import _basis
+from curvkit.optim._common import (
+    NonFiniteGradientError,
+    adam_direction,
+    check_betas,
+    check_choice,
+    check_int,
+    check_range,
+    check_state_dtype,
+    exchange_updates,
+    gradients_finite,
+    restore_state,
+    run_closure,
+    step_generator,
+    store,
+    working_dtype,
+    world,
+)
+
+__all__ = ["KroneckerOptimizer", "Layout", "layout"]
+
+
+class Layout:
+    """How a parameter is viewed by a Kronecker method (derived from shape and options only).
+
+    Attributes:
+        shape: Working shape (size-1 axes dropped, adjacent axes merged if asked).
+        axes: Axes of the working shape that carry a Kronecker factor.
+        blocks: Tuples of slices into the working tensor, one per block.
+    """
+
+    __slots__ = ("shape", "axes", "blocks")
+
+    def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...],
+                 blocks: list[tuple[slice, ...]]):
+        self.shape, self.axes, self.blocks = shape, axes, blocks
+
+
+def layout(shape: torch.Size | tuple[int, ...], *, max_dim: int, merge_dims: bool,
+           large_dims: str) -> Layout:
+    """Plan the working view of a parameter.
+
+    Args:
+        shape: Parameter shape.
+        max_dim: Largest axis that gets its own ``(d, d)`` factor.
+        merge_dims: Greedily merge adjacent axes while their product stays ``<= max_dim``
+            (e.g. a conv kernel ``(64, 32, 3, 3)`` becomes ``(64, 288)``).
+        large_dims: ``"block"`` splits axes above ``max_dim`` into blocks of at most ``max_dim``;
+            ``"identity"`` leaves them unpreconditioned (one-sided, or diagonal if no axis
+            remains).
+
+    Returns:
+        The :class:`Layout`. Tensors of order 1 (biases, gains) get no preconditioned axis.
+    """
+    dims = [d for d in shape if d != 1] or [1]
+    if merge_dims and len(dims) > 1:
+        merged = [dims[0]]
+        for d in dims[1:]:
+            if merged[-1] * d <= max_dim:
+                merged[-1] *= d
+            else:
+                merged.append(d)
+        dims = merged
+    work = tuple(dims)
+    if len(work) < 2:
+        return Layout(work, (), [tuple(slice(None) for _ in work)])
+    axes = tuple(k for k, d in enumerate(work) if d <= max_dim or large_dims == "block")
+    per_axis = []
+    for d in work:
+        if d > max_dim and large_dims == "block":
+            per_axis.append([slice(a, min(a + max_dim, d)) for a in range(0, d, max_dim)])
+        else:
+            per_axis.append([slice(None)])
+    return Layout(work, axes, [tuple(b) for b in itertools.product(*per_axis)])
+
+
+class KroneckerOptimizer(Optimizer):
+    """Base class of ``Shampoo``, ``SOAP``, ``KLShampoo`` and ``KLSOAP`` (not public).
+
+    Subclasses set ``_name``, ``_sort_on_refresh``, ``_coordinate_keys`` (state held in rotated
+    coordinates, mapped at every basis change), ``_column_keys`` (per-column state, permuted only)
+    and implement ``_init_block`` and ``_block_direction``.
+    """
+
+    _name = "KroneckerOptimizer"
+    _sort_on_refresh = True
+    _coordinate_keys: tuple[str, ...] = ()
+    _column_keys: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def _common_defaults(cls, *, lr, betas, eps, weight_decay, precondition_frequency,
+                         start_preconditioning_step, max_preconditioner_dim, merge_dims,
+                         large_dims, basis_update, subspace_rank, state_dtype, nonfinite,
+                         orthogonality_tolerance, seed) -> dict[str, Any]:
+        name = cls._name
+        check_range(name, "lr", lr, 0.0)
+        check_betas(name, betas)
+        check_range(name, "eps", eps, 0.0)
+        check_range(name, "weight_decay", weight_decay, 0.0)
+        check_int(name, "precondition_frequency", precondition_frequency, 1)
+        check_int(name, "start_preconditioning_step", start_preconditioning_step, 0)
+        check_int(name, "max_preconditioner_dim", max_preconditioner_dim, 1)
+        check_choice(name, "large_dims", large_dims, ("block", "identity"))
+        check_choice(name, "basis_update", basis_update, ("eigh", "qr", "subspace"))
+        if subspace_rank is not None:
+            check_int(name, "subspace_rank", subspace_rank, 1)
+        check_state_dtype(name, state_dtype)
+        check_choice(name, "nonfinite", nonfinite, ("raise", "skip"))
+        check_range(name, "orthogonality_tolerance", orthogonality_tolerance, 0.0, low_open=True)
+        check_int(name, "seed", seed, 0)
+        if not isinstance(merge_dims, bool):
+            raise TypeError(f"{name}: merge_dims must be a bool; got {merge_dims!r}.")
+        return dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                    precondition_frequency=precondition_frequency,
+                    start_preconditioning_step=start_preconditioning_step,
+                    max_preconditioner_dim=max_preconditioner_dim, merge_dims=merge_dims,
+                    large_dims=large_dims, basis_update=basis_update,
+                    subspace_rank=subspace_rank, state_dtype=state_dtype, nonfinite=nonfinite,
+                    orthogonality_tolerance=orthogonality_tolerance, seed=seed)
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any]):
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.is_complex() or not p.is_floating_point():
+                    raise TypeError(f"{self._name}: parameters must be real floating tensors; "
+                                    f"got dtype {p.dtype}.")
+
+    # ------------------------------------------------------------------ torch.optim API
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping the saved state dtypes (e.g. bfloat16) bit-for-bit.
+
+        Args:
+            state_dict: As returned by :meth:`state_dict`.
+        """
+        super().load_state_dict(state_dict)
+        restore_state(self, state_dict)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step.
+
+        Args:
+            closure: Optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or ``None``.
+
+        Raises:
+            NonFiniteGradientError: If a gradient is not finite and the group's ``nonfinite``
+                option is ``"raise"``; no parameter or state is changed then.
+        """
+        loss = run_closure(closure)
+        rank, size = world()
+        finite = [gradients_finite(g["params"]) for g in self.param_groups]
+        for group, ok in zip(self.param_groups, finite):
+            if not ok and group["nonfinite"] == "raise":
+                raise NonFiniteGradientError(
+                    f"{self._name}.step: a gradient contains nan or inf; pass nonfinite='skip' "
+                    "to skip such steps (they are counted in state['skipped_steps']).")
+        params, owners, index = [], [], 0
+        for group, ok in zip(self.param_groups, finite):
+            for p in group["params"]:
+                owner = index % size
+                params.append(p)
+                owners.append(owner)
+                if p.grad is not None and owner == rank:
+                    if p.grad.is_sparse:
+                        raise TypeError(f"{self._name}.step: sparse gradients are not supported.")
+                    if ok:
+                        self._update_param(p, group, index)
+                    else:
+                        state = self.state[p]
+                        state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+                index += 1
+        exchange_updates(params, owners)
+        return loss
+
+    # ------------------------------------------------------------------ per parameter
+    def _layout(self, p: Tensor, group: dict[str, Any]) -> Layout:
+        return layout(p.shape, max_dim=group["max_preconditioner_dim"],
+                      merge_dims=group["merge_dims"], large_dims=group["large_dims"])
+
+    def _update_param(self, p: Tensor, group: dict[str, Any], index: int) -> None:
+        plan = self._layout(p, group)
+        wd = working_dtype(p)
+        sd = group["state_dtype"] or wd
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+            state["skipped_steps"] = state.get("skipped_steps", 0)
+            state["blocks"] = []
+            for slices in plan.blocks:
+                shape = tuple(len(range(*s.indices(d))) for s, d in zip(slices, plan.shape))
+                block = self._init_block(shape, plan.axes, group, wd, p.device)
+                state["blocks"].append({k: v.to(sd) if isinstance(v, Tensor) else v
+                                        for k, v in block.items()})
+        s = state["step"]
+        gen = step_generator(group["seed"], index, s) if sd == torch.bfloat16 else None
+        G = p.grad.to(wd).reshape(plan.shape)
+        update = torch.empty_like(G) if len(plan.blocks) > 1 else None
+        skip = False
+        for slices, block in zip(plan.blocks, state["blocks"]):
+            ctx = _Context(group=group, step=s, axes=plan.axes, wd=wd, sd=sd, gen=gen)
+            if plan.axes:
+                direction = self._block_direction(G[slices], block, ctx)
+            else:
+                direction = self._adam_block(G[slices], block, ctx)
+            if direction is None:
+                skip = True
+            elif update is None:
+                update = direction
+            else:
+                update[slices] = direction
+        state["step"] = s + 1
+        if skip:
+            return
+        lr, decay = group["lr"], group["weight_decay"]
+        if decay:
+            p.mul_(1 - lr * decay)
+        p.add_(update.reshape(p.shape).to(p.dtype), alpha=-lr)
+
+    def _adam_block(self, G: Tensor, block: dict, ctx: _Context) -> Tensor:
+        """Parameters without a preconditioned axis (biases, gains, vectors) get Adam."""
+        direction, m, v = adam_direction(
+            G, ctx.load(block, "exp_avg"), ctx.load(block, "exp_avg_sq"), step=ctx.step + 1,
+            betas=ctx.group["betas"], eps=ctx.group["eps"])
+        ctx.save(block, "exp_avg", m)
+        ctx.save(block, "exp_avg_sq", v)
+        return direction
+
+    # ------------------------------------------------------------------ shared pieces
+    def _init_block(self, shape, axes, group, dtype, device) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _block_direction(self, G: Tensor, block: dict, ctx: _Context) -> Tensor | None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _basis_state(shape, axes, dtype, device) -> dict[str, Tensor]:
+        state = {}
+        for k in axes:
+            state[f"Q{k}"] = torch.eye(shape[k], dtype=dtype, device=device)
+            state[f"P{k}"] = torch.zeros(shape[k], shape[k], dtype=dtype, device=device)
+        return state
+
+    def _refresh_due(self, ctx: _Context) -> bool:
+        start = ctx.group["start_preconditioning_step"]
+        return ctx.step >= start and (ctx.step - start) % ctx.group["precondition_frequency"] == 0
+
+    def _refresh(self, block: dict, ctx: _Context, P: dict[int, Tensor],
+                 Q: dict[int, Tensor]) -> None:
+        """Refresh every axis's basis, map dependent state, and store ``Q`` and ``P``."""
+        group = ctx.group
+        first = ctx.step == group["start_preconditioning_step"]
+        for k in ctx.axes:
+            if first:  # the identity is a poor start for power iteration: diagonalise exactly
+                _, O = _basis.eigh_descending(P[k], caller=f"{self._name}.step")
+                Qk, Pk = Q[k] @ O, O.T @ P[k] @ O
+                change = _basis.BasisChange(coord_map=O.T)
+            else:
+                d = P[k].shape[0]
+                rank = group["subspace_rank"] or max(64, math.ceil(d / 4))
+                Qk, Pk, change = _basis.refresh(Q[k], P[k], method=group["basis_update"],
+                                                sort=self._sort_on_refresh, rank=min(rank, d))
+            self._apply_change(block, ctx, k, change)
+            if ctx.sd == torch.bfloat16 and self._drifted(Qk, ctx):
+                Qk, Pk, change = _basis.orthonormalize(Qk, Pk)
+                self._apply_change(block, ctx, k, change)
+            Q[k], P[k] = Qk, 0.5 * (Pk + Pk.T)
+            block[f"Q{k}"] = store(Qk, ctx.sd, None)
+            block[f"P{k}"] = store(P[k], ctx.sd, ctx.gen)
+
+    @staticmethod
+    def _drifted(Q: Tensor, ctx: _Context) -> bool:
+        # A random probe costs 2 d^2 instead of the d^3 of forming QᵀQ.
+        Qs = Q.to(torch.bfloat16).to(Q.dtype)  # what will be stored
+        x = torch.randn(Q.shape[0], generator=ctx.gen, dtype=Q.dtype).to(Q.device)
+        err = torch.linalg.vector_norm(Qs.T @ (Qs @ x) - x) / torch.linalg.vector_norm(x)
+        return bool(err > ctx.group["orthogonality_tolerance"])
+
+    def _apply_change(self, block: dict, ctx: _Context, axis: int,
+                      change: _basis.BasisChange) -> None:
+        for key in self._coordinate_keys:
+            block[key] = store(change.coordinates(ctx.load(block, key), axis), ctx.sd, ctx.gen)
+        for key in self._column_keys:
+            if change.perm is not None:
+                block[key] = change.columns(block[key], axis)
+        if f"lam{axis}" in block and change.perm is not None:
+            block[f"lam{axis}"] = change.columns(block[f"lam{axis}"], 0)
+
+
+class _Context:
+    """Per-step, per-parameter values passed to the kernels (never stored)."""
+
+    __slots__ = ("group", "step", "axes", "wd", "sd", "gen")
+
+    def __init__(self, *, group, step, axes, wd, sd, gen):
+        self.group, self.step, self.axes = group, step, axes
+        self.wd, self.sd, self.gen = wd, sd, gen
+
+    def load(self, block: dict, key: str) -> Tensor:
+        """Working-precision copy (or alias; kernels never write in place) of a state tensor."""
+        return block[key].to(self.wd)
+
+    def save(self, block: dict, key: str, value: Tensor) -> None:
+        """Store an EMA-type value (stochastic rounding under bfloat16 storage)."""
+        block[key] = store(value, self.sd, self.gen)
+
+    def bases(self, block: dict) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """Working copies of ``{axis: Q}`` and ``{axis: P}``."""
+        return ({k: self.load(block, f"Q{k}") for k in self.axes},
+                {k: self.load(block, f"P{k}") for k in self.axes})

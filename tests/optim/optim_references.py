@@ -1,0 +1,93 @@
+"""Hand-written dense float64 reference steps for the optimizer tests.
+
+These keep the Kronecker factors L, R as full matrices (never the P-coordinates the library
+stores) and follow the reference implementations' update order step by step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+
+def sym_eig_desc(A):
+    w, V = torch.linalg.eigh(A)
+    return w.flip(0), V.flip(1)
+
+
+def qr_pos(A):
+    Q, R = torch.linalg.qr(A)
+    return Q * torch.sign(torch.diagonal(R))
+
+
+def align_to(Q_old, Q_new):
+    """Permute/sign Q_new's columns to match Q_old's (Hungarian assignment)."""
+    overlap = (Q_old.T @ Q_new).abs().numpy()
+    rows, cols = linear_sum_assignment(-overlap)
+    perm = np.empty_like(cols)
+    perm[rows] = cols
+    Q = Q_new[:, torch.as_tensor(perm)]
+    return Q * torch.sign(torch.diagonal(Q_old.T @ Q))
+
+
+class DenseSOAP:
+    """SOAP on one matrix (m, n), as in the reference: first step initialises only."""
+
+    def __init__(self, shape, *, lr, betas, eps, wd, freq, shampoo_beta=None, method="qr",
+                 right=True):
+        m, n = shape
+        self.right = right
+        self.L, self.R = torch.zeros(m, m), torch.zeros(n, n)
+        self.M, self.V = torch.zeros(m, n), torch.zeros(m, n)
+        self.QL = self.QR = None
+        self.lr, self.betas, self.eps, self.wd, self.freq = lr, betas, eps, wd, freq
+        self.sb = betas[1] if shampoo_beta is None else shampoo_beta
+        self.method, self.t = method, 0
+
+    def _update_factors(self, G):
+        self.L = self.sb * self.L + (1 - self.sb) * G @ G.T
+        self.R = self.sb * self.R + (1 - self.sb) * G.T @ G
+
+    def step(self, W, G):
+        if self.QL is None:
+            self._update_factors(G)
+            self.QL, self.QR = sym_eig_desc(self.L)[1], sym_eig_desc(self.R)[1]
+            if not self.right:
+                self.QR = torch.eye(self.R.shape[0])
+            return W
+        self.t += 1
+        b1, b2 = self.betas
+        Gr = self.QL.T @ G @ self.QR
+        self.M = b1 * self.M + (1 - b1) * Gr
+        self.V = b2 * self.V + (1 - b2) * Gr**2
+        N = self.QL @ (self.M / (self.V.sqrt() + self.eps)) @ self.QR.T
+        size = self.lr * (1 - b2**self.t) ** 0.5 / (1 - b1**self.t)
+        W = W * (1 - self.lr * self.wd) - size * N
+        self._update_factors(G)
+        if self.t % self.freq == 0:
+            M_param = self.QL @ self.M @ self.QR.T
+            if self.method == "qr":
+                pl = torch.argsort(torch.diagonal(self.QL.T @ self.L @ self.QL), descending=True)
+                pr = torch.argsort(torch.diagonal(self.QR.T @ self.R @ self.QR), descending=True)
+                self.V = self.V[pl][:, pr]
+                self.QL = qr_pos(self.L @ self.QL[:, pl])
+                self.QR = qr_pos(self.R @ self.QR[:, pr])
+                if not self.right:
+                    self.V, self.QR = self.V[:, torch.argsort(pr)], torch.eye(self.R.shape[0])
+            else:  # exact eigenbasis, columns kept attached to their predecessors
+                self.QL = align_to(self.QL, sym_eig_desc(self.L)[1])
+                self.QR = align_to(self.QR, sym_eig_desc(self.R)[1])
+            self.M = self.QL.T @ M_param @ self.QR
+        return W
+
+
+def adam_step(W, G, state, *, lr, betas, eps, wd, bias_correction=True):
+    b1, b2 = betas
+    state["t"] = state.get("t", 0) + 1
+    state["m"] = b1 * state.get("m", torch.zeros_like(G)) + (1 - b1) * G
+    state["v"] = b2 * state.get("v", torch.zeros_like(G)) + (1 - b2) * G**2
+    c1 = 1 - b1 ** state["t"] if bias_correction else 1.0
+    c2 = 1 - b2 ** state["t"] if bias_correction else 1.0
+    U = (state["m"] / c1) / ((state["v"] / c2).sqrt() + eps)
+    return W * (1 - lr * wd) - lr * U, U
