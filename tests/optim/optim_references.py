@@ -91,3 +91,44 @@ def adam_step(W, G, state, *, lr, betas, eps, wd, bias_correction=True):
     c2 = 1 - b2 ** state["t"] if bias_correction else 1.0
     U = (state["m"] / c1) / ((state["v"] / c2).sqrt() + eps)
     return W * (1 - lr * wd) - lr * U, U
+
+
+def unfold_gram(G, k):
+    Gk = G.movedim(k, 0).reshape(G.shape[k], -1)
+    return Gk @ Gk.T
+
+
+def mode_mul(X, M, k):
+    return torch.movedim(torch.tensordot(M, X, dims=([1], [k])), 0, k)
+
+
+class DenseShampoo:
+    """Shampoo on one tensor of any order: full factors, eigh roots, Adam grafting."""
+
+    def __init__(self, shape, *, lr, betas, eps, graft_eps, wd, freq, exponent=None,
+                 grafting=True):
+        self.S = [torch.zeros(d, d) for d in shape]
+        self.roots = None
+        self.adam = {}
+        self.lr, self.betas, self.eps, self.graft_eps = lr, betas, eps, graft_eps
+        self.wd, self.freq, self.t, self.grafting = wd, freq, 0, grafting
+        self.exponent = exponent or 1 / (2 * len(shape))
+
+    def step(self, W, G):
+        b1, b2 = self.betas
+        self.S = [b2 * S + (1 - b2) * unfold_gram(G, k) for k, S in enumerate(self.S)]
+        if self.t % self.freq == 0:
+            roots = []
+            for S in self.S:
+                w, V = torch.linalg.eigh(S / (1 - b2 ** (self.t + 1)))
+                roots.append(V @ torch.diag((w.clamp_min(0) + self.eps) ** -self.exponent) @ V.T)
+            self.roots = roots
+        self.t += 1
+        _, U_adam = adam_step(W, G, self.adam, lr=self.lr, betas=self.betas, eps=self.graft_eps,
+                              wd=0.0)
+        U = self.adam["m"]
+        for k, root in enumerate(self.roots):
+            U = mode_mul(U, root, k)
+        if self.grafting:
+            U = U * U_adam.norm() / U.norm()
+        return W * (1 - self.lr * self.wd) - self.lr * U

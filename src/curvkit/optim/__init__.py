@@ -6,6 +6,7 @@ bases refreshed by ``eigh``, by a QR power-iteration step, or by a subspace QR, 
 """
 
 from curvkit.optim._common import NonFiniteGradientError
+from curvkit.optim.shampoo import Shampoo
 from curvkit.optim.soap import SOAP
 
-__all__ = ["SOAP", "NonFiniteGradientError"]
+__all__ = ["SOAP", "NonFiniteGradientError", "Shampoo"]
