@@ -53,7 +53,7 @@ def test_shampoo_update_has_adam_norm_and_starts_as_adam():
     shape, Gs = (6, 5), grads((6, 5), 6)
     W0 = torch.zeros(shape)
     ours, _ = run_ours(W0, Gs, start_preconditioning_step=3, **KW)
-    W, state = W0.clone(), {}
+    state = {}
     prev = W0
     for i, (G, got) in enumerate(zip(Gs, ours)):
         W_adam, U_adam = adam_step(prev, G, state, lr=0.05, betas=(0.9, 0.95), eps=1e-8, wd=0.0)
