@@ -1,0 +1,32 @@
+"""Physics-informed networks trained by energy natural gradients (ENGD, ENGD-Woodbury, SPRING)."""
+
+from curvkit.pinn.jacobian import DenseResidualJacobian, ResidualJacobian, linearize
+from curvkit.pinn.problems import (
+    Batch,
+    Derivatives,
+    Problem,
+    heat,
+    linear_pde,
+    log_fokker_planck,
+    mlp,
+    poisson,
+)
+from curvkit.pinn.residuals import Sin, derivatives, loss, residuals
+
+__all__ = [
+    "Batch",
+    "Derivatives",
+    "Problem",
+    "poisson",
+    "heat",
+    "log_fokker_planck",
+    "linear_pde",
+    "mlp",
+    "Sin",
+    "derivatives",
+    "residuals",
+    "loss",
+    "linearize",
+    "ResidualJacobian",
+    "DenseResidualJacobian",
+]
