@@ -132,3 +132,70 @@ class DenseShampoo:
         if self.grafting:
             U = U * U_adam.norm() / U.norm()
         return W * (1 - self.lr * self.wd) - self.lr * U
+
+
+class DenseKL:
+    """KL-Shampoo / KL-SOAP on one tensor of any order, the prototype's order of operations,
+    with full factors S_k, momentum in parameter space and old eigenvalues everywhere."""
+
+    def __init__(self, shape, *, lr, betas, eps, wd, freq, beta=None, init=0.1, soap=False,
+                 clamp=True):
+        self.shape, self.n = shape, len(shape)
+        self.S = [torch.zeros(d, d) for d in shape]
+        self.Q = None
+        self.lam = [torch.full((d,), init) for d in shape]
+        self.M = torch.zeros(shape)
+        self.V = torch.zeros(shape)
+        self.lr, self.betas, self.eps, self.wd, self.freq = lr, betas, eps, wd, freq
+        self.beta = betas[1] if beta is None else beta
+        self.soap, self.clamp, self.t = soap, clamp, 0
+
+    def _whiten_other(self, G, k, lam):
+        for j in range(self.n):
+            if j != k:
+                root = self.Q[j] @ torch.diag(lam[j] ** -0.5) @ self.Q[j].T
+                G = mode_mul(G, root, j)
+        return G
+
+    def step(self, W, G):
+        b = self.beta
+        numel = G.numel()
+        if self.Q is None:
+            self.S = [(1 - b) * unfold_gram(G, k) * G.shape[k] / numel for k in range(self.n)]
+            self.Q = [torch.linalg.eigh(S)[1].flip(1) for S in self.S]
+            self.t = 1
+            return W
+        b1, b2 = self.betas
+        Gr = G
+        for k in range(self.n):
+            Gr = mode_mul(Gr, self.Q[k].T, k)
+        self.M = b1 * self.M + (1 - b1) * G
+        Mr = self.M
+        for k in range(self.n):
+            Mr = mode_mul(Mr, self.Q[k].T, k)
+        if self.soap:
+            self.V = b2 * self.V + (1 - b2) * Gr**2
+            Ur = Mr / (self.V.sqrt() + self.eps)
+        else:
+            D = torch.ones(())
+            for k in range(self.n):
+                shape = [1] * self.n
+                shape[k] = -1
+                D = D * (self.lam[k] ** -0.5).reshape(shape)
+            Ur = Mr / (1 / D + self.eps)
+        U = Ur
+        for k in range(self.n):
+            U = mode_mul(U, self.Q[k], k)
+        W = W * (1 - self.lr * self.wd) - self.lr * U
+        old = [lam.clone() for lam in self.lam]
+        for k in range(self.n):
+            term = unfold_gram(self._whiten_other(G, k, old), k) * G.shape[k] / numel
+            self.S[k] = b * self.S[k] + (1 - b) * term
+            lam = b * old[k] + (1 - b) * torch.diagonal(self.Q[k].T @ term @ self.Q[k])
+            if self.clamp:
+                lam = lam.clamp_min(max(10.0, min(float(G.shape[k]), 4000.0)) ** -2)
+            self.lam[k] = lam
+        if self.t % self.freq == 0:
+            self.Q = [qr_pos(S @ Q) for S, Q in zip(self.S, self.Q)]
+        self.t += 1
+        return W

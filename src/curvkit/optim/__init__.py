@@ -6,7 +6,8 @@ bases refreshed by ``eigh``, by a QR power-iteration step, or by a subspace QR, 
 """
 
 from curvkit.optim._common import NonFiniteGradientError
+from curvkit.optim.kl_shampoo import KLSOAP, KLShampoo
 from curvkit.optim.shampoo import Shampoo
 from curvkit.optim.soap import SOAP
 
-__all__ = ["SOAP", "NonFiniteGradientError", "Shampoo"]
+__all__ = ["KLSOAP", "SOAP", "KLShampoo", "NonFiniteGradientError", "Shampoo"]
