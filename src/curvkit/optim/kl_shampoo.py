@@ -82,8 +82,8 @@ class KLShampoo(KroneckerOptimizer):
     ``shampoo_beta``. As in the official prototype, bases ``Q_k`` are refreshed every
     ``precondition_frequency`` steps (one QR power step by default, columns *not* sorted since
     ``λ_i`` belongs to column ``i``) while the eigenvalues ``λ_k`` are re-estimated every step in
-    the current basis: ``λ_k ← βλ_k + (1-β) diag(term_k)`` (old ``λ`` on the right). No grafting: the
-    KL fit carries the correct overall scale.
+    the current basis: ``λ_k ← βλ_k + (1-β) diag(term_k)`` (old ``λ`` on the right). No grafting:
+    the KL fit carries the correct overall scale.
 
     Each step (0-based ``t``): ``G̃ = Q ᵀ-rotated G``; ``M̃ ← β₁M̃ + (1-β₁)G̃`` (rotated coordinates,
     re-expressed at refreshes; equal to the prototype's parameter-space momentum);
