@@ -7,7 +7,17 @@ bases refreshed by ``eigh``, by a QR power-iteration step, or by a subspace QR, 
 
 from curvkit.optim._common import NonFiniteGradientError
 from curvkit.optim.kl_shampoo import KLSOAP, KLShampoo
+from curvkit.optim.muon import Muon, muon_param_groups, newton_schulz
 from curvkit.optim.shampoo import Shampoo
 from curvkit.optim.soap import SOAP
 
-__all__ = ["KLSOAP", "SOAP", "KLShampoo", "NonFiniteGradientError", "Shampoo"]
+__all__ = [
+    "KLSOAP",
+    "SOAP",
+    "KLShampoo",
+    "Muon",
+    "NonFiniteGradientError",
+    "Shampoo",
+    "muon_param_groups",
+    "newton_schulz",
+]

@@ -196,6 +196,44 @@ def _to_device(value, device):
     return value
 
 
+def run_step(optimizer: torch.optim.Optimizer, name: str,
+             update: Callable[[Tensor, dict, int], None]) -> None:
+    """The parameter loop every curvkit optimizer shares.
+
+    Checks all gradients first (so a raise leaves parameters and state untouched), splits the
+    parameters round-robin between ranks under ``torch.distributed`` (rank ``i % world_size``
+    owns parameter ``i`` and keeps its state), calls ``update(p, group, index)`` for the owned
+    parameters with a gradient, counts skipped steps, and all-gathers the new values.
+
+    Raises:
+        NonFiniteGradientError: If a group with ``nonfinite="raise"`` has a nan/inf gradient.
+        TypeError: For a sparse gradient.
+    """
+    rank, size = world()
+    finite = [gradients_finite(g["params"]) for g in optimizer.param_groups]
+    for group, ok in zip(optimizer.param_groups, finite):
+        if not ok and group["nonfinite"] == "raise":
+            raise NonFiniteGradientError(
+                f"{name}.step: a gradient contains nan or inf; pass nonfinite='skip' to skip "
+                "such steps (they are counted in state['skipped_steps']).")
+    params, owners, index = [], [], 0
+    for group, ok in zip(optimizer.param_groups, finite):
+        for p in group["params"]:
+            owner = index % size
+            params.append(p)
+            owners.append(owner)
+            if p.grad is not None and owner == rank:
+                if p.grad.is_sparse:
+                    raise TypeError(f"{name}.step: sparse gradients are not supported.")
+                if ok:
+                    update(p, group, index)
+                else:
+                    state = optimizer.state[p]
+                    state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+            index += 1
+    exchange_updates(params, owners)
+
+
 # --------------------------------------------------------------------------- distributed
 def world() -> tuple[int, int]:
     """``(rank, world_size)`` of the default process group, ``(0, 1)`` when not distributed."""

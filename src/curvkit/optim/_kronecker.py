@@ -22,21 +22,18 @@ from torch.optim import Optimizer
 
 from curvkit.optim import _basis
 from curvkit.optim._common import (
-    NonFiniteGradientError,
     adam_direction,
     check_betas,
     check_choice,
     check_int,
     check_range,
     check_state_dtype,
-    exchange_updates,
-    gradients_finite,
     restore_state,
     run_closure,
+    run_step,
     step_generator,
     store,
     working_dtype,
-    world,
 )
 
 __all__ = ["KroneckerOptimizer", "Layout", "layout"]
@@ -174,29 +171,7 @@ class KroneckerOptimizer(Optimizer):
                 option is ``"raise"``; no parameter or state is changed then.
         """
         loss = run_closure(closure)
-        rank, size = world()
-        finite = [gradients_finite(g["params"]) for g in self.param_groups]
-        for group, ok in zip(self.param_groups, finite):
-            if not ok and group["nonfinite"] == "raise":
-                raise NonFiniteGradientError(
-                    f"{self._name}.step: a gradient contains nan or inf; pass nonfinite='skip' "
-                    "to skip such steps (they are counted in state['skipped_steps']).")
-        params, owners, index = [], [], 0
-        for group, ok in zip(self.param_groups, finite):
-            for p in group["params"]:
-                owner = index % size
-                params.append(p)
-                owners.append(owner)
-                if p.grad is not None and owner == rank:
-                    if p.grad.is_sparse:
-                        raise TypeError(f"{self._name}.step: sparse gradients are not supported.")
-                    if ok:
-                        self._update_param(p, group, index)
-                    else:
-                        state = self.state[p]
-                        state["skipped_steps"] = state.get("skipped_steps", 0) + 1
-                index += 1
-        exchange_updates(params, owners)
+        run_step(self, self._name, self._update_param)
         return loss
 
     # ------------------------------------------------------------------ per parameter

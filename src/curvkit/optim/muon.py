@@ -1,0 +1,254 @@
+"""Muon: orthogonalised momentum for hidden matrices, AdamW for everything else."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from curvkit.optim._common import (
+    adam_direction,
+    check_betas,
+    check_choice,
+    check_int,
+    check_range,
+    check_state_dtype,
+    restore_state,
+    run_closure,
+    run_step,
+    step_generator,
+    store,
+    working_dtype,
+)
+
+__all__ = ["Muon", "muon_param_groups", "newton_schulz"]
+
+QUINTIC = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(Y: Tensor, *, steps: int = 5, coefficients: tuple[float, float, float] = QUINTIC,
+                  eps: float = 1e-7, dtype: torch.dtype | None = torch.bfloat16) -> Tensor:
+    """Approximate the orthogonal polar factor ``U Vᵀ`` of ``Y = U Σ Vᵀ`` (quintic Newton–Schulz).
+
+    ``X₀ = Y / (‖Y‖_F + eps)`` (so every singular value is ``<= 1``), then ``steps`` times
+    ``A = X Xᵀ``, ``X ← aX + (bA + cA²)X``. The iteration runs on the short side (``Y`` is
+    transposed when it has more rows than columns). The quintic's coefficients trade exactness for
+    speed: singular values land in a band around 1 (about ``[0.68, 1.13]`` for input singular values
+    ``>= 1e-2 ‖Y‖_F``) rather than at 1.
+
+    Args:
+        Y: Matrix ``(m, n)``.
+        steps: Number of iterations.
+        coefficients: ``(a, b, c)``.
+        eps: Guard of the normalisation.
+        dtype: Compute dtype (``None``: ``Y``'s dtype); bfloat16 as in the reference.
+
+    Returns:
+        Matrix ``(m, n)`` in ``Y``'s dtype.
+
+    Raises:
+        ValueError: If ``Y`` is not a matrix.
+
+    References:
+        Jordan et al. (2024). Muon: An optimizer for hidden layers in neural networks.
+    """
+    if Y.dim() != 2:
+        raise ValueError(f"newton_schulz: Y must be a matrix; got shape {tuple(Y.shape)}.")
+    a, b, c = coefficients
+    X = Y.to(dtype) if dtype is not None else Y
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.T
+    X = X / (torch.linalg.vector_norm(X) + eps)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return (X.T if tall else X).to(Y.dtype)
+
+
+def muon_param_groups(model: nn.Module, *, head: nn.Module | str | None = None,
+                      ) -> list[dict[str, Any]]:
+    """Split a model's parameters into a Muon group and an AdamW group.
+
+    AdamW gets: embedding tables (``nn.Embedding``), the output head, and every parameter with
+    fewer than two dimensions (biases, gains). Muon gets the remaining matrices and conv kernels.
+
+    Args:
+        model: The model.
+        head: The output layer (a module, or its name in ``model.named_modules()``); ``None``
+            picks the last ``nn.Linear`` registered in the model.
+
+    Returns:
+        ``[{"params": [...], "use_muon": True}, {"params": [...], "use_muon": False}]`` (a group
+        is left out when empty).
+
+    Raises:
+        ValueError: If ``head`` names no module of ``model``.
+    """
+    modules = dict(model.named_modules())
+    if isinstance(head, str):
+        if head not in modules:
+            raise ValueError(f"muon_param_groups: head {head!r} is not a module of the model.")
+        head = modules[head]
+    elif head is None:
+        linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    adamw_ids = set()
+    for m in modules.values():
+        if isinstance(m, nn.Embedding) or m is head:
+            adamw_ids.update(id(p) for p in m.parameters())
+    muon, adamw = [], []
+    for p in model.parameters():  # deduplicated, so tied weights appear once
+        if not p.requires_grad:
+            continue
+        (adamw if id(p) in adamw_ids or p.dim() < 2 else muon).append(p)
+    groups = [{"params": muon, "use_muon": True}, {"params": adamw, "use_muon": False}]
+    return [g for g in groups if g["params"]]
+
+
+class Muon(Optimizer):
+    """Muon for hidden matrices, with an AdamW sub-optimizer for the other parameters.
+
+    Muon parameters (matrices; conv kernels are flattened to ``(out, in·kh·kw)``):
+    ``B ← μB + (1-μ)G``; ``Y = (1-μ)G + μB`` (Nesterov) or ``B``; ``O = newton_schulz(Y)``;
+    ``θ ← θ(1 - ηλ) - η s O`` with the shape scale ``s = sqrt(max(1, m/n))`` (``"original"``) or
+    ``0.2 sqrt(max(m, n))`` (``"match_rms_adamw"``, which lets AdamW learning rates transfer).
+    AdamW parameters use ``adamw_lr``, ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``.
+
+    Which parameters use Muon is the group option ``use_muon``: ``True``, ``False``, or ``None``
+    (automatic: tensors with two or more dimensions). Pass :func:`muon_param_groups` to also send
+    embeddings and the output head to AdamW.
+
+    Args:
+        params: Parameters or param groups.
+        lr: Muon learning rate ``η``.
+        momentum: ``μ``.
+        nesterov: Use the Nesterov input.
+        ns_steps: Newton–Schulz iterations.
+        ns_coefficients: ``(a, b, c)`` of the quintic.
+        ns_dtype: Compute dtype of Newton–Schulz (``None``: the working dtype).
+        eps: Guard of the Frobenius normalisation.
+        weight_decay: Decoupled weight decay ``λ`` of the Muon parameters.
+        adjust_lr: ``"original"`` or ``"match_rms_adamw"``.
+        adamw_lr: AdamW learning rate.
+        adamw_betas: AdamW ``(β₁, β₂)``.
+        adamw_eps: AdamW ``ε``.
+        adamw_weight_decay: AdamW decoupled weight decay.
+        use_muon: Default of the group option above.
+        state_dtype: Storage dtype of the state (bfloat16 with stochastic rounding).
+        nonfinite: ``"raise"`` or ``"skip"`` on nan/inf gradients.
+        seed: Seed of the stochastic rounding bits.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        >>> opt = Muon(muon_param_groups(model), lr=0.02)
+        >>> model(torch.randn(16, 4)).square().mean().backward()
+        >>> opt.step()
+    """
+
+    _name = "Muon"
+
+    def __init__(self, params: Iterable, lr: float = 0.02, *, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5,
+                 ns_coefficients: tuple[float, float, float] = QUINTIC,
+                 ns_dtype: torch.dtype | None = torch.bfloat16, eps: float = 1e-7,
+                 weight_decay: float = 0.0,
+                 adjust_lr: Literal["original", "match_rms_adamw"] = "original",
+                 adamw_lr: float = 3e-4, adamw_betas: tuple[float, float] = (0.9, 0.95),
+                 adamw_eps: float = 1e-10, adamw_weight_decay: float = 0.0,
+                 use_muon: bool | None = None, state_dtype: torch.dtype | None = None,
+                 nonfinite: Literal["raise", "skip"] = "raise", seed: int = 0):
+        name = self._name
+        check_range(name, "lr", lr, 0.0)
+        check_range(name, "momentum", momentum, 0.0, 1.0)
+        check_int(name, "ns_steps", ns_steps, 1)
+        if len(ns_coefficients) != 3:
+            raise ValueError(f"{name}: ns_coefficients must be (a, b, c); got {ns_coefficients}.")
+        check_range(name, "eps", eps, 0.0)
+        check_range(name, "weight_decay", weight_decay, 0.0)
+        check_choice(name, "adjust_lr", adjust_lr, ("original", "match_rms_adamw"))
+        check_range(name, "adamw_lr", adamw_lr, 0.0)
+        check_betas(name, adamw_betas)
+        check_range(name, "adamw_eps", adamw_eps, 0.0)
+        check_range(name, "adamw_weight_decay", adamw_weight_decay, 0.0)
+        check_choice(name, "use_muon", use_muon, (None, True, False))
+        check_state_dtype(name, state_dtype)
+        check_state_dtype(name, ns_dtype)
+        check_choice(name, "nonfinite", nonfinite, ("raise", "skip"))
+        check_int(name, "seed", seed, 0)
+        defaults = dict(lr=lr, momentum=momentum, nesterov=bool(nesterov), ns_steps=ns_steps,
+                        ns_coefficients=tuple(ns_coefficients), ns_dtype=ns_dtype, eps=eps,
+                        weight_decay=weight_decay, adjust_lr=adjust_lr, adamw_lr=adamw_lr,
+                        adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
+                        adamw_weight_decay=adamw_weight_decay, use_muon=use_muon,
+                        state_dtype=state_dtype, nonfinite=nonfinite, seed=seed)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if group["use_muon"] and p.dim() < 2:
+                    raise ValueError(f"{name}: use_muon=True needs parameters with >= 2 "
+                                     f"dimensions; got shape {tuple(p.shape)}.")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping the saved state dtypes bit-for-bit.
+
+        Args:
+            state_dict: As returned by :meth:`state_dict`.
+        """
+        super().load_state_dict(state_dict)
+        restore_state(self, state_dict)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step.
+
+        Args:
+            closure: Optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = run_closure(closure)
+        run_step(self, self._name, self._update_param)
+        return loss
+
+    def _update_param(self, p: Tensor, group: dict[str, Any], index: int) -> None:
+        wd = working_dtype(p)
+        sd = group["state_dtype"] or wd
+        state = self.state[p]
+        use_muon = group["use_muon"] if group["use_muon"] is not None else p.dim() >= 2
+        if "step" not in state:
+            state["step"] = 0
+            state.setdefault("skipped_steps", 0)
+            state["exp_avg"] = torch.zeros_like(p, dtype=sd)
+            if not use_muon:
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd)
+        gen = step_generator(group["seed"], index, state["step"]) if sd == torch.bfloat16 else None
+        G = p.grad.to(wd)
+        state["step"] += 1
+        if use_muon:
+            mu = group["momentum"]
+            buf = state["exp_avg"].to(wd).lerp(G, 1 - mu)
+            state["exp_avg"] = store(buf, sd, gen)
+            Y = G.lerp(buf, mu) if group["nesterov"] else buf
+            Y = Y.reshape(Y.shape[0], -1)
+            O = newton_schulz(Y, steps=group["ns_steps"], coefficients=group["ns_coefficients"],
+                              eps=group["eps"], dtype=group["ns_dtype"])
+            m, n = Y.shape
+            if group["adjust_lr"] == "original":
+                scale = max(1.0, m / n) ** 0.5
+            else:
+                scale = 0.2 * max(m, n) ** 0.5
+            lr, decay, update = group["lr"], group["weight_decay"], O.reshape(p.shape) * scale
+        else:
+            update, m_, v_ = adam_direction(
+                G, state["exp_avg"].to(wd), state["exp_avg_sq"].to(wd), step=state["step"],
+                betas=group["adamw_betas"], eps=group["adamw_eps"])
+            state["exp_avg"], state["exp_avg_sq"] = store(m_, sd, gen), store(v_, sd, gen)
+            lr, decay = group["adamw_lr"], group["adamw_weight_decay"]
+        if decay:
+            p.mul_(1 - lr * decay)
+        p.add_(update.to(p.dtype), alpha=-lr)
