@@ -7,10 +7,11 @@ import sys
 from collections.abc import Sequence
 
 import curvkit
-from curvkit.cli import check
+from curvkit.cli import check, report
 
 # Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
 _COMMANDS = {
+    "report": report,
     "check": check,
 }
 

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     rows = [("matvec A @ x", rel(op @ x, dense @ x))]
     b = dense @ x
-    rows.append(("cg solve A z = b", rel(cg(op, b, rtol=tol, maxiter=10 * n), x)))
+    rows.append(("cg solve A z = b", rel(cg(op, b, rtol=tol, max_iter=10 * n), x)))
     true_trace = dense.trace()
     for method in ("hutchinson", "hutch++", "xtrace"):
         est = trace(op, method=method, num_matvecs=60, generator=torch.Generator().manual_seed(args.seed))

@@ -1,0 +1,188 @@
+"""A curvature report of (model, loss, data): spectra, traces, diagonals and KFAC/EKFAC quality.
+
+``curvature_report`` computes every number from the operators of ``curvkit.curvature`` and the
+algorithms of ``curvkit.linalg``; ``plot_report`` draws them. The ``curvkit report`` command is
+a thin wrapper around the two.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from curvkit import linalg
+from curvkit.curvature import EKFAC, GGN, KFAC, Hessian
+
+__all__ = ["ReportOptions", "curvature_report", "plot_report"]
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """Budgets of the report.
+
+    Attributes:
+        top_k: Number of extreme eigenpairs of the Hessian and the GGN.
+        num_matvecs: Products per trace/diagonal estimate.
+        num_directions: Random directions for the KFAC/EKFAC comparison.
+        slq_probes, slq_matvecs: Stochastic Lanczos quadrature budget for the densities.
+        seed: Seed of every random probe.
+        progress: Show progress bars.
+    """
+
+    top_k: int = 10
+    num_matvecs: int = 90
+    num_directions: int = 16
+    slq_probes: int = 6
+    slq_matvecs: int = 60
+    seed: int = 0
+    progress: bool = True
+    steps: list[str] = field(default_factory=list)
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
+
+
+def _loss_and_gradient(model: nn.Module, loss_fn: nn.Module, data: Iterable) -> tuple[float, float, int]:
+    """Loss over all data under the loss's reduction, and the gradient norm; one pass."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [torch.zeros_like(p) for p in params]
+    total, count = 0.0, 0
+    summed = type(loss_fn)(**{**_loss_kwargs(loss_fn), "reduction": "sum"})
+    for X, y in data:
+        loss = summed(model(X), y)
+        for g, gi in zip(grads, torch.autograd.grad(loss, params)):
+            g += gi
+        total += loss.item()
+        count += y.numel() if loss_fn.reduction == "mean" else 1
+    scale = 1.0 / count if loss_fn.reduction == "mean" else 1.0
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean":
+        count = sum(int((y != loss_fn.ignore_index).sum()) for _, y in data)
+        scale = 1.0 / count
+    elif isinstance(loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss)) and loss_fn.reduction == "mean":
+        scale = 1.0 / sum(model(X).numel() for X, _ in data)
+    grad_norm = math.sqrt(sum((scale * g).pow(2).sum().item() for g in grads))
+    return total * scale, grad_norm, sum(p.numel() for p in params)
+
+
+def _loss_kwargs(loss_fn: nn.Module) -> dict:
+    keys = {"ignore_index", "label_smoothing", "weight", "pos_weight"}
+    return {k: getattr(loss_fn, k) for k in keys if hasattr(loss_fn, k) and k in
+            type(loss_fn).__init__.__code__.co_varnames}
+
+
+def curvature_report(model: nn.Module, loss_fn: nn.Module, data: list, options: ReportOptions | None = None,
+                     log=print) -> dict:
+    """Compute the curvature report of ``model`` under ``loss_fn`` on ``data``.
+
+    Args:
+        model: Deterministic module (eval mode), called as ``model(X)``.
+        loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``.
+        data: Re-iterable of ``(X, y)`` batches.
+        options: Budgets; defaults to ``ReportOptions()``.
+        log: Called with one line of text per finished step.
+
+    Returns:
+        A JSON-serialisable dict of every number (see the keys below), plus ``"_arrays"``
+        holding the eigenvalues and densities for plotting.
+    """
+    opt = options or ReportOptions()
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(opt.seed)
+    gen = lambda: torch.Generator(device=g.device).manual_seed(opt.seed)  # noqa: E731 same probes for every operator
+    common = dict(progress=False, check_deterministic=True)
+    timings: dict[str, float] = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        timings[name] = time.perf_counter() - t0
+        log(f"  {name:<34s} {timings[name]:6.2f} s")
+        return out
+
+    loss, grad_norm, num_params = timed("loss and gradient", lambda: _loss_and_gradient(model, loss_fn, data))
+    H = Hessian(model, loss_fn, data, **common)
+    common["check_deterministic"] = False  # checked once above; the model does not change
+    G = GGN(model, loss_fn, data, **common)
+    k = min(opt.top_k, num_params - 1)
+
+    evals_H, evecs_H = timed("Hessian top eigenpairs", lambda: linalg.eigsh(H, k, which="LA", generator=gen(), tol=1e-4))
+    evals_G, evecs_G = timed("GGN top eigenpairs", lambda: linalg.eigsh(G, k, which="LA", generator=gen(), tol=1e-4))
+    overlap = (torch.linalg.norm(evecs_H.T @ evecs_G) ** 2 / k).item()
+
+    traces = {}
+    for name, op in (("hessian", H), ("ggn", G)):
+        traces[name] = {
+            method: timed(f"{name} trace ({method})", lambda op=op, m=method: linalg.trace(
+                op, method=m, num_matvecs=opt.num_matvecs, generator=gen()).item())
+            for method in ("hutchinson", "hutch++", "xtrace")
+        }
+    diag_exact = timed("GGN exact diagonal", lambda: G.diagonal())
+    traces["ggn"]["exact"] = diag_exact.sum().item()
+    diag_est = {
+        method: _rel(timed(f"GGN diagonal ({method})", lambda m=method: linalg.diagonal(
+            G, method=m, num_matvecs=opt.num_matvecs, generator=gen())), diag_exact)
+        for method in ("hutchinson", "xdiag")
+    }
+
+    Z = torch.randn(num_params, opt.num_directions, generator=g, dtype=G.dtype, device=G.device)
+    GZ, GV = G @ Z, evals_G * evecs_G  # G V = V Λ for the eigenvectors
+    kfac_quality = {}
+    for name, cls in (("kfac", KFAC), ("ekfac", EKFAC)):
+        op = timed(f"{name.upper()} factors", lambda cls=cls: cls(model, loss_fn, data, fisher="type2", **common))
+        kfac_quality[name] = {
+            "top_eigenspace_rel_error": _rel(op @ evecs_G, GV),
+            "random_directions_rel_error": _rel(op @ Z, GZ),
+        }
+
+    grid_G, dens_G = timed("GGN spectral density (log)", lambda: linalg.spectral_density(
+        G, num_probes=opt.slq_probes, num_matvecs=opt.slq_matvecs, scale="log", generator=gen(),
+        kernel_width=0.02))
+    grid_H, dens_H = timed("Hessian spectral density", lambda: linalg.spectral_density(
+        H, num_probes=opt.slq_probes, num_matvecs=opt.slq_matvecs, scale="linear", generator=gen()))
+
+    return {
+        "num_params": num_params,
+        "loss": loss,
+        "gradient_norm": grad_norm,
+        "hessian_top_eigenvalues": evals_H.flip(0).tolist(),
+        "ggn_top_eigenvalues": evals_G.flip(0).tolist(),
+        "top_eigenspace_overlap_hessian_ggn": overlap,
+        "trace": traces,
+        "ggn_diagonal_rel_error": diag_est,
+        "kfac_vs_ggn": kfac_quality,
+        "seconds": timings,
+        "_arrays": {"ggn_density": (grid_G, dens_G), "hessian_density": (grid_H, dens_H)},
+    }
+
+
+def plot_report(report: dict, path) -> None:
+    """Write a PNG figure of a report: GGN density (log scale), Hessian density, eigenvalue bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    grid, dens = (t.cpu() for t in report["_arrays"]["ggn_density"])
+    axes[0].semilogx(grid, dens)
+    axes[0].set(title="GGN spectral density (SLQ)", xlabel="eigenvalue", ylabel="density of log10 λ")
+    grid, dens = (t.cpu() for t in report["_arrays"]["hessian_density"])
+    axes[1].plot(grid, dens)
+    axes[1].set_yscale("log")
+    axes[1].set(title="Hessian spectral density (SLQ)", xlabel="eigenvalue", ylabel="density")
+    k = len(report["ggn_top_eigenvalues"])
+    idx = torch.arange(k)
+    axes[2].bar(idx - 0.2, report["hessian_top_eigenvalues"], width=0.4, label="Hessian")
+    axes[2].bar(idx + 0.2, report["ggn_top_eigenvalues"], width=0.4, label="GGN")
+    axes[2].set_yscale("log")
+    axes[2].set(title=f"top-{k} eigenvalues (overlap {report['top_eigenspace_overlap_hessian_ggn']:.2f})",
+                xlabel="index")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,90 @@
+"""Curvature report: spectra, traces, diagonals and KFAC/EKFAC quality, as PNG and JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from curvkit.cli._load import load_factory, resolve_device
+
+_LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``curvkit report``."""
+    parser.add_argument("--out", default="curvkit-report", help="output folder (default ./curvkit-report/)")
+    parser.add_argument("--model", help="'pkg.module:factory' returning an nn.Module (default: a digits CNN)")
+    parser.add_argument("--data", help="'pkg.module:factory' returning an iterable of (X, y) batches")
+    parser.add_argument("--loss", choices=sorted(_LOSSES), default="cross_entropy")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-k", type=int, default=10, help="extreme eigenpairs to compute")
+    parser.add_argument("--num-matvecs", type=int, default=90, help="products per trace/diagonal estimate")
+    parser.add_argument("--train-seconds", type=float, default=3.0, help="training time of the default model")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N digits (default model)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress output")
+
+
+def _problem(args, dtype, device):
+    """Model, loss and data: the built-in digits CNN, or the user's factories."""
+    from curvkit.apps.digits import digits_cnn, digits_data, train_briefly
+
+    loss_fn = _LOSSES[args.loss]()
+    if (args.model is None) != (args.data is None):
+        raise ValueError("--model and --data go together: name both factories or neither.")
+    if args.model is None:
+        data = digits_data(dtype=dtype, device=device, limit=args.limit)
+        model = digits_cnn(seed=args.seed).to(device=device, dtype=dtype)
+        model = train_briefly(model, data, loss_fn, seconds=args.train_seconds)
+        return model.eval(), loss_fn, data
+    model = load_factory(args.model, "--model")()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"--model {args.model} must return an nn.Module; got {type(model).__name__}.")
+    data = list(load_factory(args.data, "--data")())
+    if not data:
+        raise ValueError(f"--data {args.data} returned no batches.")
+    model = model.to(device=device, dtype=dtype).eval()
+    cast = lambda t: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
+    return model, loss_fn, [(cast(X), cast(y)) for X, y in data]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compute the report, print it, and write ``report.json`` and ``report.png`` into ``--out``."""
+    from curvkit.apps.report import ReportOptions, curvature_report, plot_report
+
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    log = (lambda *a: None) if args.no_progress else print  # noqa: E731
+    log("training the model..." if args.model is None else "loading the model...")
+    model, loss_fn, data = _problem(args, dtype, device)
+    options = ReportOptions(top_k=args.top_k, num_matvecs=args.num_matvecs, seed=args.seed,
+                            progress=not args.no_progress)
+    report = curvature_report(model, loss_fn, data, options, log=log)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_report(report, out / "report.png")
+    numbers = {k: v for k, v in report.items() if not k.startswith("_")}
+    (out / "report.json").write_text(json.dumps(numbers, indent=2))
+    _print_summary(numbers)
+    print(f"wrote {out / 'report.json'} and {out / 'report.png'}")
+    return 0
+
+
+def _print_summary(r: dict) -> None:
+    print(f"\nparameters {r['num_params']}   loss {r['loss']:.4g}   gradient norm {r['gradient_norm']:.3g}")
+    fmt = lambda xs: " ".join(f"{x:.3g}" for x in xs)  # noqa: E731
+    print(f"Hessian top eigenvalues: {fmt(r['hessian_top_eigenvalues'])}")
+    print(f"GGN top eigenvalues:     {fmt(r['ggn_top_eigenvalues'])}")
+    print(f"top-eigenspace overlap (Hessian, GGN): {r['top_eigenspace_overlap_hessian_ggn']:.3f}")
+    for name, t in r["trace"].items():
+        print(f"{name} trace: " + "  ".join(f"{m} {v:.4g}" for m, v in t.items()))
+    print("GGN diagonal relative error: " + "  ".join(f"{m} {v:.3f}" for m, v in r["ggn_diagonal_rel_error"].items()))
+    for name, q in r["kfac_vs_ggn"].items():
+        print(f"{name.upper()} vs GGN relative error: top eigenspace {q['top_eigenspace_rel_error']:.3f}, "
+              f"random directions {q['random_directions_rel_error']:.3f}")

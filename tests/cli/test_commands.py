@@ -1,0 +1,67 @@
+"""End-to-end tests of the ``curvkit`` command, each run as a subprocess on a tiny configuration."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def curvkit(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "curvkit", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_version():
+    out = curvkit("--version")
+    assert out.returncode == 0
+    assert out.stdout.startswith("curvkit ")
+
+
+def test_check_agrees_with_dense():
+    out = curvkit("check", "--size", "8")
+    assert out.returncode == 0, out.stderr
+    assert "all exact results agree with dense" in out.stdout
+
+
+def test_report_writes_json_and_png(tmp_path):
+    out = curvkit("report", "--out", str(tmp_path / "r"), "--limit", "256", "--top-k", "3",
+                  "--num-matvecs", "12", "--train-seconds", "0.2", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert (tmp_path / "r" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(report["hessian_top_eigenvalues"]) == 3
+    # The GGN is PSD and its largest eigenvalue is at least the largest of the estimates' scale.
+    assert min(report["ggn_top_eigenvalues"]) > 0
+    assert 0.0 <= report["top_eigenspace_overlap_hessian_ggn"] <= 1.0 + 1e-9
+    assert set(report["kfac_vs_ggn"]) == {"kfac", "ekfac"}
+
+
+def test_report_user_factories(tmp_path):
+    (tmp_path / "userprob.py").write_text(
+        "import torch\n"
+        "def model():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))\n"
+        "    return m\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(1)\n"
+        "    X = torch.randn(40, 4, generator=g)\n"
+        "    return [(X[:25], torch.randint(0, 3, (25,), generator=g)), (X[25:], torch.randint(0, 3, (15,), generator=g))]\n"
+    )
+    out = curvkit("report", "--model", "userprob:model", "--data", "userprob:data", "--out", "r",
+                  "--top-k", "2", "--num-matvecs", "8", "--no-progress", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["num_params"] == 4 * 6 + 6 + 6 * 3 + 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--model", "nosuchmodule:f", "--data", "nosuchmodule:g"), "cannot import module 'nosuchmodule'"),
+    (("--model", "json:loads"), "--model and --data go together"),
+    (("--model", "json"), "go together"),
+    (("--device", "cuda:7"), "no such CUDA device"),
+])
+def test_report_bad_input_is_a_clear_error(tmp_path, args, message):
+    out = curvkit("report", "--out", str(tmp_path), *args)
+    assert out.returncode == 2
+    assert message in out.stderr
