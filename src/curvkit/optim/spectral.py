@@ -75,7 +75,7 @@ def _retract(K: Tensor, method: str) -> Tensor:
 
 
 def newton_schulz_polar(B: Tensor, *, steps: int = 1) -> Tensor:
-    """Newton–Schulz steps ``X ← X (3I - XᵀX)/2`` towards the polar factor of a near-orthogonal ``B``.
+    """Newton–Schulz steps ``X ← X (3I - XᵀX)/2`` towards the polar factor of ``B ≈ orthogonal``.
 
     Each step squares the orthogonality error (``‖XᵀX - I‖``), using two GEMMs.
 
