@@ -1,0 +1,438 @@
+"""Kronecker-factored approximate curvature (KFAC) as a block-diagonal linear operator.
+
+For a layer with weight ``W`` (``d_out × d_in``, flattened row-major as PyTorch stores it) KFAC
+approximates the curvature block by ``G ⊗ A`` with
+
+    A = Σ_n w_n Σ_s a_{n,s} a_{n,s}ᵀ / Σ_n w_n S        (expand)
+    G = c Σ_n Σ_k Σ_s g_{n,s,k} g_{n,s,k}ᵀ
+
+(``reduce``: ``a_n = mean_s a_{n,s}``, ``g_{n,k} = Σ_s g_{n,s,k}``,
+``A = Σ_n w_n a_n a_nᵀ / Σ_n w_n``),
+where ``a`` are the layer inputs (with a trailing 1 when the bias is joined), ``g_{·,k}`` the
+gradients at the layer output of the backpropagated vectors ``v_k`` (see ``kfac_pass``), ``S``
+the weight-sharing positions and ``c`` the loss normalisation of the exact operators (``1/T``
+for mean reduction over ``T`` loss terms, 1 for sum). With these conventions type-2 KFAC equals
+the GGN block for deep linear networks with MSE, and expand (reduce) is exact in the linear
+weight-sharing settings of Eschenhagen et al. (2023).
+
+Layers: ``nn.Linear`` (any leading dimensions), ``nn.Conv1d/2d/3d`` (one block per group),
+``nn.Embedding`` (``A ⊗ G`` on ``W (V, D)``); the affine parameters of ``LayerNorm``,
+``RMSNorm``, ``GroupNorm`` and ``BatchNorm`` get a dense block of their exact per-example
+gradients; any other parameter a diagonal or dense block (``other=``) computed exactly from the
+same vectors, or an error.
+
+References:
+    Martens & Grosse (2015), Optimizing neural networks with Kronecker-factored approximate
+    curvature. Grosse & Martens (2016), A Kronecker-factored approximate Fisher matrix for
+    convolution layers. Eschenhagen et al. (2023), Kronecker-factored approximate curvature for
+    modern neural network architectures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.curvature.engine import DataEngine, resolve_params
+from curvkit.curvature.kfac_blocks import Block, PermutedBlocks
+from curvkit.curvature.kfac_layers import KroneckerRule
+from curvkit.curvature.kfac_pass import (
+    FISHER_TYPES,
+    FactorPass,
+    LayerPlan,
+    backprop_vectors,
+    plan_layers,
+)
+from curvkit.curvature.losses import output_loss
+from curvkit.linalg import LinearOperator
+
+__all__ = ["KFAC"]
+
+_APPROX = ("expand", "reduce")
+_OTHER = ("diagonal", "dense", "error")
+
+
+@dataclass
+class LayerSpec:
+    """What a layer's factors mean, without the module (enough to rebuild from a state dict)."""
+
+    path: str
+    kind: str  # "kron" or "norm"
+    order: str  # "GA" or "AG" for kron
+    weight: str | None
+    bias: str | None
+    joint: bool
+
+    @classmethod
+    def of(cls, plan: LayerPlan) -> LayerSpec:
+        order = plan.rule.order if plan.is_kron else ""
+        return cls(plan.path, "kron" if plan.is_kron else "norm", order, plan.weight, plan.bias,
+                   plan.joint)
+
+
+class KFAC(LinearOperator):
+    """KFAC approximation of the GGN / Fisher of ``loss_fn(model(X), y)`` over all of ``data``.
+
+    A symmetric PSD operator of size ``P = Σ p.numel()`` acting on vectors in ``params`` order
+    (flat, or lists shaped like the parameters); internally a ``BlockDiagonal`` of
+    ``Kronecker`` blocks (and dense/diagonal blocks for norm layers and other parameters).
+
+    Args:
+        model: ``nn.Module`` called as ``model(X)``; supported layers must see the batch first.
+        loss_fn: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``, reduction
+            ``"mean"`` or ``"sum"``.
+        data: Re-iterable of ``(X, y)`` or weighted ``(X, y, w)`` batches, ``w: (N,)`` ``>= 0``;
+            weights make it the curvature of ``c Σ_n w_n ℓ_n``.
+        params: ``None`` (all trainable parameters), a list of the model's parameters or a
+            mapping name → tensor.
+        fisher: ``"type2"`` (exact output-Hessian square root: one backward pass per class or
+            output entry), ``"mc"`` (``mc_samples`` sampled labels), ``"empirical"`` (true
+            labels) or ``"forward_only"`` (``G = I``).
+        mc_samples: Number of sampled labels per example for ``fisher="mc"``.
+        approx: ``"expand"`` or ``"reduce"`` for weight-shared layers (sequences, convolutions).
+        separate_bias: Give biases their own block ``G`` instead of joining them to the weight
+            as an input column of ones.
+        other: Block for parameters of unsupported layers: ``"diagonal"``, ``"dense"`` (exact
+            per parameter, from per-example gradients of the same vectors) or ``"error"``.
+        seed: Seed of the label sampling (``fisher="mc"``), re-used at every ``compute()``.
+        progress: Progress bar over batches.
+        check_deterministic: Refuse random layers and shuffling data, and verify on the first
+            batch that the hooked layer calls account for the whole gradient of their
+            parameters (weight tying and functional reuse raise instead of being miscounted).
+        num_data: Number of examples (spares a counting pass).
+        batch_size_fn: ``X ↦ N`` for mapping inputs.
+        compute: Compute the factors at construction (one pass over ``data``); with ``False``
+            call ``compute()`` or ``load_state_dict()`` before using the operator.
+
+    Raises:
+        ValueError: For unknown options, tied weights, unsupported parameters with
+            ``other="error"``, inputs that are not batch-first where per-example data is needed.
+
+    Example:
+        >>> F = KFAC(model, nn.CrossEntropyLoss(), loader, fisher="mc")
+        >>> step = F.inverse(damping=1e-3, heuristic="pi") @ grads   # list of tensors
+    """
+
+    is_symmetric = True
+    is_psd = True
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable, params=None, *,
+                 fisher: Literal["type2", "mc", "empirical", "forward_only"] = "type2",
+                 mc_samples: int = 1, approx: Literal["expand", "reduce"] = "expand",
+                 separate_bias: bool = False,
+                 other: Literal["diagonal", "dense", "error"] = "diagonal", seed: int = 0,
+                 progress: bool = False, check_deterministic: bool = True,
+                 num_data: int | None = None, batch_size_fn: Callable | None = None,
+                 compute: bool = True):
+        name = type(self).__name__
+        for opt, value, allowed in (("fisher", fisher, FISHER_TYPES), ("approx", approx, _APPROX),
+                                    ("other", other, _OTHER)):
+            if value not in allowed:
+                raise ValueError(f"{name}: {opt} must be one of {allowed}; got {value!r}.")
+        if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
+            raise ValueError(f"{name}: mc_samples must be a positive int; got {mc_samples!r}.")
+        if not isinstance(separate_bias, bool):
+            raise TypeError(f"{name}: separate_bias must be a bool; got "
+                            f"{type(separate_bias).__name__}.")
+        loss = output_loss(loss_fn, caller=name, analytic=True)
+        selected = resolve_params(model, params, name)
+        self.engine = DataEngine(model, loss, data, selected, caller=name, progress=progress,
+                                 check_deterministic=check_deterministic, num_data=num_data,
+                                 batch_size_fn=batch_size_fn, allow_weights=True)
+        self.loss, self.model = loss, model
+        self.fisher, self.mc_samples, self.approx = fisher, mc_samples, approx
+        self.separate_bias, self.other, self.seed = separate_bias, other, seed
+        self._check = check_deterministic
+        first = next(iter(selected.values()))
+        P = sum(p.numel() for p in selected.values())
+        super().__init__((P, P), dtype=first.dtype, device=first.device,
+                         in_shapes=[p.shape for p in selected.values()])
+        self.specs: list[LayerSpec] = []
+        self.others: list[str] = []
+        self.factors: dict[str, dict[str, Tensor]] = {}
+        self._op: PermutedBlocks | None = None
+        if compute:
+            self.compute()
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """The parameters the operator acts on (name → tensor), in the order of its vectors."""
+        return self.engine.params
+
+    # ------------------------------------------------------------------ the data pass
+    def _make_pass(self, *, per_example: bool = False) -> FactorPass:
+        layers, others = plan_layers(self.model, self.engine.params,
+                                     separate_bias=self.separate_bias)
+        return FactorPass(self.engine, layers, others, fisher=self.fisher,
+                          mc_samples=self.mc_samples, approx=self.approx, other=self.other,
+                          check=self._check, per_example=per_example)
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def compute(self) -> KFAC:
+        """Compute the factors: one forward and ``K`` backward passes per batch (``K`` vectors).
+
+        Factors are summed over batches and ranks and normalised as the exact operators are.
+
+        Returns:
+            ``self``, ready for products.
+        """
+        fp = self._make_pass()
+        gen = self._generator()
+
+        def per_batch(batch):
+            out = fp.forward(batch)
+            V = fp.vectors(batch, out, gen)
+            a_list = [fp.layer_inputs(p) if p.is_kron else None for p in fp.layers]
+            if fp.check:
+                fp.check = False  # first batch only
+                V_check = V if V.shape[0] else backprop_vectors(self.loss, "empirical", out,
+                                                                 batch, 1, gen)
+                fp.verify(out, V_check[0], a_list)
+            acc: list[list[Tensor] | None] = [None] * len(fp.layers)
+            for k in range(V.shape[0]):
+                grads, _ = fp.backward(out, V[k], retain=k < V.shape[0] - 1)
+                for i, (plan, g) in enumerate(zip(fp.layers, grads)):
+                    c = self._output_factor(fp, plan, g)
+                    acc[i] = c if acc[i] is None else [x + y for x, y in zip(acc[i], c)]
+            parts: list[Tensor] = []
+            for plan, a, c in zip(fp.layers, a_list, acc):
+                if plan.is_kron:
+                    parts += self._input_factor(plan, a, batch)
+                parts += c if c is not None else [out.new_zeros(1)]  # forward-only: G = I later
+            if fp.others:
+                U = fp.other_gradients(batch, V)
+                parts += [self._other_factor(U[n]) for n in fp.others]
+            return parts
+
+        totals = self.engine.reduce_over_data(per_batch, desc=f"{type(self).__name__} factors")
+        self._store(fp, totals)
+        return self
+
+    def _input_factor(self, plan: LayerPlan, a: Tensor, batch) -> list[Tensor]:
+        """``[Σ w a aᵀ (groups, d, d), Σ w S (1,)]``: input factor sum and its normaliser."""
+        if self.approx == "reduce":
+            a = a.mean(dim=1, keepdim=True)
+            gram = lambda t: KroneckerRule.input_gram(plan.rule, t)  # noqa: E731 (not one-hot)
+        else:
+            gram = plan.rule.input_gram
+        N, S = a.shape[:2]
+        w = batch.weights
+        if w is None:
+            return [gram(a), a.new_tensor([float(N * S)])]
+        w = w.to(dtype=a.dtype, device=a.device)  # validated in FactorPass.forward
+        return [gram(a * w.sqrt().reshape(-1, 1, 1, 1)), (w.sum() * S).reshape(1)]
+
+    def _output_factor(self, fp: FactorPass, plan: LayerPlan, grads: list[Tensor]) -> list[Tensor]:
+        if plan.is_kron:
+            g = fp.layer_grads(plan, grads)  # (N, S, groups, d_out)
+            if self.approx == "reduce":
+                g = g.sum(dim=1, keepdim=True)
+            flat = g.reshape(-1, g.shape[2], g.shape[3])
+            return [torch.einsum("mgi,mgj->gij", flat, flat)]
+        u = fp.norm_grads(plan, grads)
+        if plan.joint:
+            U = torch.cat([u["weight"], u["bias"]], dim=1)
+            return [U.T @ U]
+        return [u[r].T @ u[r] for r in plan.roles]
+
+    def _other_factor(self, U: Tensor) -> Tensor:  # U: (N, K, numel)
+        flat = U.reshape(-1, U.shape[-1])
+        return (flat * flat).sum(0) if self.other == "diagonal" else flat.T @ flat
+
+    def _store(self, fp: FactorPass, totals: list[Tensor]) -> None:
+        self.specs = [LayerSpec.of(p) for p in fp.layers]
+        self.others = list(fp.others)
+        self.factors = {}
+        it = iter(totals)
+        for plan, spec in zip(fp.layers, self.specs):
+            if spec.kind == "kron":
+                A_sum, count, G = next(it), next(it), next(it)
+                A = A_sum / count
+                if self.fisher == "forward_only":
+                    d_out = self._d_out(plan.module, spec, A.shape[0])
+                    G = torch.eye(d_out, dtype=A.dtype, device=A.device).expand(
+                        A.shape[0], d_out, d_out).clone()
+                self.factors[spec.path] = {"A": A, "G": G}
+            else:
+                self.factors[spec.path] = {r: next(it) for r in
+                                           (("joint",) if spec.joint else plan.roles)}
+        for name in self.others:
+            self.factors[name] = {self.other: next(it)}
+        self._build()
+
+    def _d_out(self, module: nn.Module, spec: LayerSpec, groups: int) -> int:
+        if spec.order == "AG":
+            return module.weight.shape[1]
+        out_features = (module.weight if module._parameters.get("weight") is not None
+                        else module.bias).shape[0]
+        return out_features // groups
+
+    # ------------------------------------------------------------------ blocks
+    def _offsets(self) -> dict[str, int]:
+        offsets, start = {}, 0
+        for n, p in self.engine.params.items():
+            offsets[n] = start
+            start += p.numel()
+        return offsets
+
+    def _blocks(self) -> list[Block]:
+        """The blocks in canonical order, each with its entries' indices in ``params`` order."""
+        off, shapes = self._offsets(), {n: p.shape for n, p in self.engine.params.items()}
+        dev = self.device
+
+        def idx(name, *shape):
+            return off[name] + torch.arange(math.prod(shapes[name]), device=dev).reshape(*shape)
+
+        blocks = []
+        for spec in self.specs:
+            f = self.factors[spec.path]
+            if spec.kind == "norm":
+                if spec.joint:
+                    ix = torch.cat([idx(spec.weight, -1), idx(spec.bias, -1)])
+                    blocks.append(Block(ix, "dense", (f["joint"],), spec.path))
+                else:
+                    for role in ("weight", "bias"):
+                        if getattr(spec, role) is not None:
+                            blocks.append(Block(idx(getattr(spec, role), -1), "dense", (f[role],),
+                                                spec.path))
+                continue
+            A, G = f["A"], f["G"]
+            if spec.order == "AG":
+                blocks.append(Block(idx(spec.weight, -1), "kron", (A[0], G[0]), spec.path, a_pos=0))
+                continue
+            groups, d_out = G.shape[0], G.shape[1]
+            one = torch.ones(1, 1, dtype=G.dtype, device=G.device)
+            if spec.weight is not None:
+                iw = idx(spec.weight, groups, d_out, -1)
+                if spec.joint:
+                    iw = torch.cat([iw, idx(spec.bias, groups, d_out, 1)], dim=2)
+                blocks += [Block(iw[j].reshape(-1), "kron", (G[j], A[j]), spec.path, a_pos=1)
+                           for j in range(groups)]
+            if spec.bias is not None and not spec.joint:
+                ib = idx(spec.bias, groups, d_out)
+                blocks += [Block(ib[j], "kron", (G[j], one), spec.path, a_pos=1)
+                           for j in range(groups)]
+        diag = [n for n in self.others if "diagonal" in self.factors[n]]
+        if diag:
+            blocks.append(Block(torch.cat([idx(n, -1) for n in diag]), "diagonal",
+                                (torch.cat([self.factors[n]["diagonal"] for n in diag]),), "other"))
+        for n in self.others:
+            if "dense" in self.factors[n]:
+                blocks.append(Block(idx(n, -1), "dense", (self.factors[n]["dense"],), n))
+        return blocks
+
+    def _build(self) -> None:
+        self._op = PermutedBlocks(self._blocks(), self.shape[0], self.in_shapes)
+
+    def _require(self, method: str) -> PermutedBlocks:
+        if self._op is None:
+            raise RuntimeError(f"{type(self).__name__}.{method}: the factors are not computed; "
+                               "call compute() or load_state_dict() first (or construct with "
+                               "compute=True).")
+        return self._op
+
+    # ------------------------------------------------------------------ operator interface
+    def _matmat(self, X: Tensor) -> Tensor:
+        return self._require("matmul")._matmat(X)
+
+    def to_dense(self) -> Tensor:
+        """The dense ``(P, P)`` matrix (for small models and tests)."""
+        return self._require("to_dense").to_dense()
+
+    def trace(self) -> Tensor:
+        """Exact trace: ``Σ tr A · tr G`` over Kronecker blocks plus the other blocks' traces."""
+        return self._require("trace").trace()
+
+    def diagonal(self) -> Tensor:
+        """Exact diagonal ``(P,)`` in ``params`` order."""
+        return self._require("diagonal").diagonal()
+
+    def logdet(self, damping: float = 0.0) -> Tensor:
+        """``log det(F + damping·I)`` from the factors' eigenvalues (exact damping)."""
+        return self._require("logdet").logdet(damping)
+
+    def frobenius_norm(self) -> Tensor:
+        """``‖F‖_F``; ``‖A ⊗ G‖_F = ‖A‖_F ‖G‖_F`` per block."""
+        return self._require("frobenius_norm").frobenius_norm()
+
+    def eigh(self) -> tuple[Tensor, LinearOperator]:
+        """Eigenvalues ``(P,)`` (block by block) and the orthogonal eigenvector operator ``Q``.
+
+        ``F = Q diag(λ) Qᵀ``; ``Q`` maps eigen-coordinates to ``params`` order and is never
+        materialised (Kronecker products of the factors' eigenvectors).
+        """
+        return self._require("eigh").eigh()
+
+    def inverse(self, damping: float = 0.0, *, heuristic: Literal["pi"] | None = None,
+                exact: bool = False) -> LinearOperator:
+        """Damped inverse as an operator in ``params`` order.
+
+        Args:
+            damping: ``λ >= 0``.
+            heuristic: ``None``: each Kronecker factor gets ``λ``, i.e. ``(G + λI)⁻¹ ⊗ (A + λI)⁻¹``;
+                ``"pi"``: Martens & Grosse's (2015, §6.3) ``A + π√λ I`` and ``G + √λ/π I`` with
+                ``π = √((tr A / d_A) / (tr G / d_G))``.
+            exact: ``(G ⊗ A + λI)⁻¹`` exactly, via the factors' eigendecompositions.
+
+        Dense and diagonal blocks (norm layers, other parameters) always get ``+ λI``. Factor
+        inverses use Cholesky, retried in float64 with a warning if it fails.
+
+        Raises:
+            ValueError: If ``exact=True`` is combined with a heuristic, or ``"pi"`` meets a zero
+                factor.
+        """
+        op = self._require("inverse")
+        if heuristic not in (None, "pi"):
+            raise ValueError(f"{type(self).__name__}.inverse: heuristic must be None or 'pi'; "
+                             f"got {heuristic!r}.")
+        if exact and heuristic is not None:
+            raise ValueError(f"{type(self).__name__}.inverse: exact=True damps the Kronecker "
+                             f"product itself; it takes no heuristic (got {heuristic!r}).")
+        return op.inverse(damping, heuristic=heuristic, exact=exact)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Factors and the options that define them (tensors and plain Python values only)."""
+        self._require("state_dict")
+        return {
+            "type": type(self).__name__,
+            "options": {"fisher": self.fisher, "mc_samples": self.mc_samples,
+                        "approx": self.approx, "separate_bias": self.separate_bias,
+                        "other": self.other},
+            "params": {n: tuple(p.shape) for n, p in self.engine.params.items()},
+            "layers": [vars(s).copy() for s in self.specs],
+            "others": list(self.others),
+            "factors": {k: dict(v) for k, v in self.factors.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore factors saved by ``state_dict`` (same parameters and options).
+
+        Raises:
+            ValueError: If the state is of another operator type, options or parameters.
+        """
+        name = type(self).__name__
+        if state.get("type") != name:
+            raise ValueError(f"{name}.load_state_dict: state is of {state.get('type')!r}.")
+        mine = {"fisher": self.fisher, "mc_samples": self.mc_samples, "approx": self.approx,
+                "separate_bias": self.separate_bias, "other": self.other}
+        if state["options"] != mine:
+            raise ValueError(f"{name}.load_state_dict: options differ: saved {state['options']}, "
+                             f"this operator {mine}.")
+        shapes = {n: tuple(p.shape) for n, p in self.engine.params.items()}
+        if dict(state["params"]) != shapes:
+            raise ValueError(f"{name}.load_state_dict: parameters differ: saved "
+                             f"{state['params']}, this operator {shapes}.")
+        self.specs = [LayerSpec(**s) for s in state["layers"]]
+        self.others = list(state["others"])
+        self.factors = {k: {r: t.to(dtype=self.dtype, device=self.device) for r, t in v.items()}
+                        for k, v in state["factors"].items()}
+        self._build()
+

@@ -1,0 +1,229 @@
+"""Per-layer-type rules of KFAC: what a layer's Kronecker factors are built from.
+
+A *Kronecker rule* turns what a module saw in one call into per-position matrices:
+
+- ``inputs(module, x)``: the layer input as ``a`` of shape ``(N, S, groups, d_in)``, ``S`` the
+  weight-sharing positions (tokens, convolution output pixels; 1 without sharing);
+- ``grads(module, g)``: the gradient at the layer output as ``(N, S, groups, d_out)``;
+
+so that the per-example weight gradient is ``Σ_s g_s a_sᵀ`` per group. ``order`` says how the
+factors sit around the weight as PyTorch stores it (row-major, as ``Tensor.flatten``):
+
+- ``"GA"`` (``nn.Linear``, ``nn.ConvNd``): the weight of group ``j`` is ``W_j (d_out, d_in)``
+  and its block is ``G_j ⊗ A_j``;
+- ``"AG"`` (``nn.Embedding``): the weight is ``W (V, D)``, rows indexed by the input, and its
+  block is ``A ⊗ G``.
+
+A *norm rule* (``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``BatchNorm``) gives the per-example
+gradients of the affine parameters exactly, ``u_γ = Σ_s g_s ∘ x̂_s`` and ``u_β = Σ_s g_s``,
+from which KFAC builds a dense block (the treatment of norm layers in TAK, Porrello et al. 2026).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+__all__ = ["KroneckerRule", "NormRule", "rule_for"]
+
+
+def _batch_first(x: Tensor, module: nn.Module, what: str) -> int:
+    if x.ndim < 1:
+        raise ValueError(f"KFAC: {type(module).__name__} got a 0-d {what}; expected a batch.")
+    return x.shape[0]
+
+
+# --------------------------------------------------------------------------- Kronecker rules
+class KroneckerRule:
+    """Base of the rules for layers whose weight gets a Kronecker block."""
+
+    order = "GA"
+
+    def groups(self, module: nn.Module) -> int:
+        """Number of independent weight groups (convolution ``groups``; 1 otherwise)."""
+        return 1
+
+    def has_bias(self, module: nn.Module) -> bool:
+        """Whether the module has a bias parameter."""
+        return getattr(module, "bias", None) is not None
+
+    def inputs(self, module: nn.Module, x: Tensor) -> Tensor:
+        """Layer input ``x`` → ``a`` of shape ``(N, S, groups, d_in)``."""
+        raise NotImplementedError
+
+    def grads(self, module: nn.Module, g: Tensor) -> Tensor:
+        """Output gradient (shaped like the output) → ``(N, S, groups, d_out)``."""
+        raise NotImplementedError
+
+    def input_gram(self, a: Tensor) -> Tensor:
+        """``Σ_{n,s} a aᵀ`` per group, ``(groups, d_in, d_in)``, for ``a: (N, S, groups, d_in)``."""
+        flat = a.reshape(-1, a.shape[2], a.shape[3])
+        return torch.einsum("mgi,mgj->gij", flat, flat)
+
+
+class LinearRule(KroneckerRule):
+    """``nn.Linear`` with any leading dimensions ``(N, *, d_in)``: ``S`` = product of the ``*``."""
+
+    def inputs(self, module, x):
+        N = _batch_first(x, module, "input")
+        return x.reshape(N, -1, 1, x.shape[-1])
+
+    def grads(self, module, g):
+        return g.reshape(g.shape[0], -1, 1, g.shape[-1])
+
+
+def unfold_nd(x: Tensor, module: _ConvNd) -> Tensor:
+    """Convolution patches of ``x: (N, C_in, *spatial)`` as ``(N, S, C_in·Πk)``.
+
+    Row-major patch layout ``(C_in, k_1, ..., k_d)``, matching the convolution weight
+    ``(C_out, C_in/groups, k_1, ..., k_d)`` flattened; ``S`` is the number of output pixels.
+    Padding (any ``padding_mode``, ``"same"`` included), stride and dilation as the module does.
+    """
+    d = x.ndim - 2
+    pad = module._reversed_padding_repeated_twice
+    if any(pad):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    k, stride, dil = module.kernel_size, module.stride, module.dilation
+    if d == 2:  # the fused im2col kernel is faster than the generic view-based path
+        cols = F.unfold(x, k, dilation=dil, stride=stride)  # (N, C·k1·k2, S)
+        return cols.transpose(1, 2)
+    patches = x
+    for i in range(d):
+        span = dil[i] * (k[i] - 1) + 1
+        # unfold dim 2+i into windows: appends a window axis of length `span` at the end
+        patches = patches.unfold(2 + i, span, stride[i])[..., :: dil[i]]
+    # (N, C, o_1..o_d, k_1..k_d) -> (N, o_1..o_d, C, k_1..k_d) -> (N, S, C·Πk)
+    N, C = x.shape[:2]
+    out_sizes = patches.shape[2:2 + d]
+    perm = [0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d)]
+    return patches.permute(perm).reshape(N, math.prod(out_sizes), C * math.prod(k))
+
+
+class ConvRule(KroneckerRule):
+    """``nn.Conv1d/2d/3d`` (stride, padding, dilation, groups): positions are output pixels."""
+
+    def groups(self, module):
+        return module.groups
+
+    def inputs(self, module, x):
+        if x.ndim != module.weight.ndim:
+            raise ValueError(f"KFAC: {type(module).__name__} needs a batched input of "
+                             f"{module.weight.ndim} dims; got shape {tuple(x.shape)}.")
+        a = unfold_nd(x, module)
+        return a.reshape(a.shape[0], a.shape[1], module.groups, -1)
+
+    def grads(self, module, g):
+        g = g.flatten(2).transpose(1, 2)  # (N, S, C_out)
+        return g.reshape(g.shape[0], g.shape[1], module.groups, -1)
+
+
+class EmbeddingRule(KroneckerRule):
+    """``nn.Embedding``: input factor from one-hot tokens; block ``A ⊗ G`` on ``W (V, D)``."""
+
+    order = "AG"
+
+    def has_bias(self, module):
+        return False
+
+    def inputs(self, module, x):
+        if module.max_norm is not None:
+            raise ValueError("KFAC: nn.Embedding with max_norm rewrites its weight during the "
+                             "forward pass; its curvature is not defined. Use max_norm=None.")
+        N = _batch_first(x, module, "input")
+        onehot = F.one_hot(x.reshape(N, -1), module.num_embeddings).to(module.weight.dtype)
+        if module.padding_idx is not None:  # the padding row receives no gradient
+            onehot[..., module.padding_idx] = 0
+        return onehot.unsqueeze(2)
+
+    def grads(self, module, g):
+        return g.reshape(g.shape[0], -1, 1, g.shape[-1])
+
+    def input_gram(self, a):
+        # Σ onehot onehotᵀ is the diagonal of token counts: skip the V × V matmul.
+        return torch.diag_embed(a.sum(dim=(0, 1)))
+
+
+# --------------------------------------------------------------------------- norm rules
+class NormRule:
+    """Affine parameters of normalisation layers: exact per-example gradients ``(N, numel)``."""
+
+    channel_dim: int | None = 1  # None: the parameters cover the trailing normalized_shape
+
+    def normalized(self, module: nn.Module, x: Tensor) -> Tensor:
+        """``x̂``, the input normalised without the affine transformation (shaped like ``x``)."""
+        raise NotImplementedError
+
+    def per_example(self, module: nn.Module, x: Tensor | None, g: Tensor,
+                    roles: tuple[str, ...]) -> dict[str, Tensor]:
+        """Per-example gradients ``{role: (N, numel)}`` for ``roles`` ⊂ {"weight", "bias"}."""
+        N = g.shape[0]
+        out = {}
+        if self.channel_dim is None:  # LayerNorm / RMSNorm: params shaped like the last dims
+            numel = module.weight.numel() if module.weight is not None else module.bias.numel()
+            flat = lambda t: t.reshape(N, -1, numel).sum(1)  # noqa: E731
+        else:  # GroupNorm / BatchNorm: one parameter per channel (dim 1)
+            flat = lambda t: t.reshape(N, t.shape[1], -1).sum(2) if t.ndim > 2 else t  # noqa: E731
+        if "weight" in roles:
+            out["weight"] = flat(g * self.normalized(module, x))
+        if "bias" in roles:
+            out["bias"] = flat(g)
+        return out
+
+
+class LayerNormRule(NormRule):
+    channel_dim = None
+
+    def normalized(self, module, x):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+
+class RMSNormRule(NormRule):
+    channel_dim = None
+
+    def normalized(self, module, x):
+        return F.rms_norm(x, module.normalized_shape, None, module.eps)
+
+
+class GroupNormRule(NormRule):
+    def normalized(self, module, x):
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+
+
+class BatchNormRule(NormRule):
+    def normalized(self, module, x):
+        if module.training or module.running_mean is None:
+            # Batch statistics (train mode): x̂ as the module computed it; nothing is updated.
+            return F.batch_norm(x, None, None, None, None, True, 0.0, module.eps)
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        mean, var = module.running_mean.reshape(shape), module.running_var.reshape(shape)
+        return (x - mean) / torch.sqrt(var + module.eps)
+
+
+_RULES: tuple[tuple[type, object], ...] = (
+    (nn.Linear, LinearRule()),
+    (_ConvNd, ConvRule()),
+    (nn.Embedding, EmbeddingRule()),
+    (nn.LayerNorm, LayerNormRule()),
+    (nn.RMSNorm, RMSNormRule()),
+    (nn.GroupNorm, GroupNormRule()),
+    (_BatchNorm, BatchNormRule()),
+)
+
+
+def rule_for(module: nn.Module) -> KroneckerRule | NormRule | None:
+    """The rule for ``module``'s own parameters, or ``None`` if KFAC has no rule for it.
+
+    Transposed convolutions have no rule (their parameters fall to ``other``).
+    """
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return None
+    for cls, rule in _RULES:
+        if isinstance(module, cls):
+            return rule
+    return None

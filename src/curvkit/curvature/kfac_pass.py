@@ -1,0 +1,325 @@
+"""The data pass of KFAC and EKFAC: which modules get which block, hooks, backpropagated vectors.
+
+One forward pass per batch records, for every call of every planned module, its input and the
+autograd edge of its output (``torch.autograd.graph.get_gradient_edge``, which stays valid when
+a later in-place operation rewrites the output tensor). Then one backward pass per
+backpropagated vector ``v_k`` asks autograd for the gradients at those edges only, so the
+weight gradients themselves are never computed. A module called several times in one forward
+pass (a shared layer) contributes all its calls as extra weight-sharing positions.
+
+Backpropagated vectors ``v_k`` (shaped like the model output, ``K`` of them per batch):
+
+- ``"type2"``: columns of the symmetric square root of the output Hessian of the sum-reduced
+  loss; all positions (tokens) of an example are backpropagated together, one vector per class
+  (cross-entropy) or per entry of the last output dimension (MSE/BCE);
+- ``"mc"``: gradients at ``mc_samples`` labels drawn from the model's likelihood, over ``√M``;
+- ``"empirical"``: the gradient at the true labels;
+- ``"forward_only"``: none (``G = I``).
+
+A weighted batch ``(X, y, w)`` scales example ``n``'s vectors by ``√w_n`` and its inputs'
+contribution to ``A`` by ``w_n``, so that the operator approximates the curvature of
+``c Σ_n w_n ℓ_n``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+from torch.func import vjp, vmap
+from torch.utils._pytree import tree_map
+
+from curvkit.curvature.engine import Batch, DataEngine
+from curvkit.curvature.kfac_layers import KroneckerRule, NormRule, rule_for
+from curvkit.curvature.losses import OutputLoss
+
+__all__ = ["LayerPlan", "plan_layers", "FactorPass"]
+
+FISHER_TYPES = ("type2", "mc", "empirical", "forward_only")
+
+
+@dataclass
+class LayerPlan:
+    """One module whose parameters get a structured block.
+
+    Attributes:
+        path: The module's name in ``model.named_modules()``.
+        module: The module.
+        rule: Its ``KroneckerRule`` or ``NormRule``.
+        weight: Name of its selected weight parameter, or ``None``.
+        bias: Name of its selected bias parameter, or ``None``.
+        joint: Bias joined with the weight (an input column of ones / one dense block).
+        calls: Per call in the current forward pass: ``(input, output gradient edge)``.
+    """
+
+    path: str
+    module: nn.Module
+    rule: KroneckerRule | NormRule
+    weight: str | None
+    bias: str | None
+    joint: bool
+    calls: list = field(default_factory=list)
+
+    @property
+    def is_kron(self) -> bool:
+        """Whether the module gets Kronecker blocks (else a dense norm block)."""
+        return isinstance(self.rule, KroneckerRule)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The selected roles among ``("weight", "bias")``."""
+        return tuple(r for r in ("weight", "bias") if getattr(self, r) is not None)
+
+
+def plan_layers(model: nn.Module, params: dict[str, Tensor], *, separate_bias: bool
+                ) -> tuple[list[LayerPlan], list[str]]:
+    """Assign the selected parameters to modules with a rule; the rest are "other".
+
+    Raises:
+        ValueError: If one parameter belongs to two modules with rules (weight tying across
+            modules, e.g. an embedding tied to the output layer).
+    """
+    name_of = {id(p): n for n, p in params.items()}
+    owner: dict[str, str] = {}
+    layers, seen = [], set()
+    for path, module in model.named_modules(remove_duplicate=False):
+        rule = rule_for(module)
+        if rule is None or id(module) in seen:
+            continue  # a module registered under two names is one layer: its calls all count
+        seen.add(id(module))
+        roles = {}
+        for role in ("weight", "bias"):
+            p = module._parameters.get(role)
+            if p is None or id(p) not in name_of:
+                continue
+            name = name_of[id(p)]
+            if name in owner:
+                raise ValueError(
+                    f"KFAC: parameter {name!r} is shared by modules {owner[name]!r} and {path!r} "
+                    "(weight tying); per-layer Kronecker factors would count it twice. Exclude it "
+                    "from params, or untie the weights."
+                )
+            roles[role] = name
+            owner[name] = path
+        if roles:
+            has_both = "weight" in roles and "bias" in roles
+            layers.append(LayerPlan(path, module, rule, roles.get("weight"), roles.get("bias"),
+                                    joint=has_both and not separate_bias))
+    others = [n for n in params if n not in owner]
+    return layers, others
+
+
+def backprop_vectors(loss: OutputLoss, fisher: str, out: Tensor, batch: Batch, mc_samples: int,
+                     generator: torch.Generator) -> Tensor:
+    """The vectors ``(K, *out.shape)`` to backpropagate for one batch (see the module docstring)."""
+    out = out.detach()
+    if fisher == "type2":
+        if loss.class_dim is not None:
+            S = loss.sqrt_factor(out, batch.y)  # (N, T, C, K)
+            V = torch.stack([loss.from_terms(S[..., k], out.shape) for k in range(S.shape[-1])])
+        else:  # one vector per entry of the last output dimension, positions together
+            root = loss.sqrt_factor(out, batch.y).reshape(out.shape)
+            if out.ndim == 1:
+                V = root.unsqueeze(0)
+            else:
+                D = out.shape[-1]
+                eye = torch.eye(D, dtype=out.dtype, device=out.device)
+                V = root.unsqueeze(0) * eye.reshape(D, *([1] * (out.ndim - 1)), D)
+    elif fisher == "mc":
+        V = loss.sample_gradients(out, batch.y, mc_samples, generator) / math.sqrt(mc_samples)
+    elif fisher == "empirical":
+        o = out.clone().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(loss.sum_loss(o, batch.y, batch.batch_size), o)
+        V = g.unsqueeze(0)
+    else:
+        raise ValueError(f"KFAC: fisher must be one of {FISHER_TYPES}; got {fisher!r}.")
+    if batch.weights is not None:
+        w = batch.weights.to(dtype=out.dtype, device=out.device)
+        V = V * w.sqrt().reshape(1, -1, *([1] * (out.ndim - 1)))
+    return V
+
+
+class FactorPass:
+    """Hooks and per-batch accumulation shared by KFAC and EKFAC.
+
+    Args:
+        engine: The data engine (model, loss, data, selected parameters).
+        layers: Planned modules (``plan_layers``); modules never called in the first batch are
+            moved to ``others`` (their parameters are used outside their ``forward``, as
+            ``nn.MultiheadAttention`` does with ``out_proj``).
+        others: Names of selected parameters without a rule.
+        fisher, mc_samples, approx: As in ``KFAC``.
+        other: ``"diagonal"``, ``"dense"`` or ``"error"``.
+        check: Verify on the first batch that the hooked calls account for the whole gradient
+            of every planned parameter (catches weight tying and functional reuse).
+        per_example: Require batch-first inputs for every layer (EKFAC needs per-example data).
+    """
+
+    def __init__(self, engine: DataEngine, layers: list[LayerPlan], others: list[str], *,
+                 fisher: str, mc_samples: int, approx: str, other: str, check: bool,
+                 per_example: bool = False):
+        self.engine, self.loss = engine, engine.loss
+        self.layers, self.others = layers, others
+        self.fisher, self.mc_samples, self.approx = fisher, mc_samples, approx
+        self.other, self.check = other, check
+        self.per_example = per_example or approx == "reduce"
+        self._active = False
+        self._first = True
+
+    # ------------------------------------------------------------------ hooks
+    def _hook(self, plan: LayerPlan):
+        def record(module, args, output):
+            if self._active:
+                edge = get_gradient_edge(output) if output.requires_grad else None
+                x = args[0].detach() if isinstance(args[0], Tensor) else args[0]
+                plan.calls.append((x, edge))
+        return record
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Model output for ``batch`` with every planned module's calls recorded."""
+        w = batch.weights
+        if w is not None and (not isinstance(w, Tensor) or w.shape != (batch.batch_size,)
+                              or (w < 0).any()):
+            got = f"shape {tuple(w.shape)}, min {w.min().item():.3g}" if isinstance(w, Tensor) \
+                else type(w).__name__
+            raise ValueError(f"KFAC: batch weights must be a tensor of shape ({batch.batch_size},) "
+                             f"with entries >= 0; batch {batch.index} has {got}.")
+        for plan in self.layers:
+            plan.calls = []
+        handles = [p.module.register_forward_hook(self._hook(p)) for p in self.layers]
+        self._active = True
+        try:
+            out = self.engine.forward(batch.X)
+        finally:
+            self._active = False
+            for h in handles:
+                h.remove()
+        self.loss.check(out, batch.y)
+        if self._first:
+            self._finalise_plan(batch)
+        return out
+
+    def _finalise_plan(self, batch: Batch) -> None:
+        unused = [p for p in self.layers if not p.calls]
+        for plan in unused:  # parameters used outside the module's own forward
+            self.others.extend(plan.roles and [getattr(plan, r) for r in plan.roles])
+        self.layers = [p for p in self.layers if p.calls]
+        order = list(self.engine.params)
+        self.others.sort(key=order.index)
+        if self.others and self.other == "error":
+            raise ValueError(f"KFAC: parameters {self.others} belong to no supported layer "
+                             "(Linear, Conv1d/2d/3d, Embedding, LayerNorm, RMSNorm, GroupNorm, "
+                             "BatchNorm); pass other='diagonal' or 'dense', or exclude them.")
+        if self.others and self.fisher == "forward_only":
+            raise ValueError(f"KFAC: fisher='forward_only' has no curvature for parameters "
+                             f"{self.others} outside Linear/Conv/Embedding layers; exclude them "
+                             "via params=.")
+        for plan in self.layers:
+            per_example = not plan.is_kron or self.per_example or batch.weights is not None
+            for x, edge in plan.calls:
+                if edge is None:
+                    raise ValueError(f"KFAC: the output of module {plan.path!r} does not require "
+                                     "grad; cannot backpropagate to it.")
+                if per_example and x.shape[0] != batch.batch_size:
+                    raise ValueError(
+                        f"KFAC: module {plan.path!r} got an input of shape {tuple(x.shape)} whose "
+                        f"first dimension is not the batch size {batch.batch_size}; per-example "
+                        "quantities (reduce, weights, norm layers, EKFAC) need batch-first layers.")
+        self._first = False
+
+    # ------------------------------------------------------------------ per-layer pieces
+    def layer_inputs(self, plan: LayerPlan) -> Tensor:
+        """``a`` of shape ``(N, S, groups, d_in [+1])`` over all calls (ones column if joint)."""
+        a = torch.cat([plan.rule.inputs(plan.module, x) for x, _ in plan.calls], dim=1)
+        if plan.joint:
+            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+        return a
+
+    def layer_grads(self, plan: LayerPlan, grads: list[Tensor]) -> Tensor:
+        """``g`` of shape ``(N, S, groups, d_out)`` over all calls."""
+        return torch.cat([plan.rule.grads(plan.module, g) for g in grads], dim=1)
+
+    def norm_grads(self, plan: LayerPlan, grads: list[Tensor]) -> dict[str, Tensor]:
+        """Per-example affine gradients ``{role: (N, numel)}`` summed over the calls."""
+        total: dict[str, Tensor] = {}
+        for (x, _), g in zip(plan.calls, grads):
+            for role, u in plan.rule.per_example(plan.module, x, g, plan.roles).items():
+                total[role] = total[role] + u if role in total else u
+        return total
+
+    def vectors(self, batch: Batch, out: Tensor, generator: torch.Generator) -> Tensor:
+        """Backpropagated vectors ``(K, *out.shape)``; ``K = 0`` for ``forward_only``."""
+        if self.fisher == "forward_only":
+            return out.new_zeros((0, *out.shape))
+        return backprop_vectors(self.loss, self.fisher, out, batch, self.mc_samples, generator)
+
+    def edges(self) -> list:
+        """Gradient edges of all recorded calls, layer by layer."""
+        return [edge for plan in self.layers for _, edge in plan.calls]
+
+    def backward(self, out: Tensor, v: Tensor, extra: list[Tensor] = (), *, retain: bool):
+        """Gradients at every recorded call (grouped per layer) and at ``extra`` tensors."""
+        edges = self.edges()
+        grads = torch.autograd.grad(out, [*edges, *extra], grad_outputs=v, retain_graph=retain,
+                                    allow_unused=True, materialize_grads=True)
+        per_layer, i = [], 0
+        for plan in self.layers:
+            per_layer.append(list(grads[i:i + len(plan.calls)]))
+            i += len(plan.calls)
+        return per_layer, list(grads[len(edges):])
+
+    # ------------------------------------------------------------------ other parameters
+    def other_gradients(self, batch: Batch, V: Tensor) -> dict[str, Tensor]:
+        """Per-example, per-vector gradients ``{name: (N, K, numel)}`` of the other parameters.
+
+        ``∂(v_kᵀ f(x_n))/∂θ`` by ``vjp`` of a one-example forward, ``vmap``-ed over vectors and
+        examples: exact for the same vectors as the Kronecker factors.
+        """
+        base = {n: p.detach() for n, p in self.engine.params.items()}
+        sub = {n: base[n] for n in self.others}
+
+        def per_example(x, v):  # v: (K, *out_n)
+            def f(p):
+                x1 = tree_map(lambda t: t.unsqueeze(0), x)
+                return self.engine.forward(x1, {**base, **p}).squeeze(0)
+
+            _, vjp_fn = vjp(f, sub)
+            return vmap(vjp_fn)(v)[0]
+
+        U = vmap(per_example, in_dims=(0, 1))(batch.X, V)
+        return {n: u.reshape(u.shape[0], u.shape[1], -1) for n, u in U.items()}
+
+    # ------------------------------------------------------------------ consistency check
+    def verify(self, out: Tensor, v: Tensor, a_list: list[Tensor | None]) -> None:
+        """Raise if the hooked calls do not reproduce a planned parameter's gradient ``Jᵀv``."""
+        names = [n for plan in self.layers for n in (plan.weight, plan.bias) if n is not None]
+        grads, true = self.backward(out, v, [self.engine.params[n] for n in names], retain=True)
+        true = dict(zip(names, true))
+        for plan, g_calls, a in zip(self.layers, grads, a_list):
+            rebuilt = {}
+            if plan.is_kron:
+                g = self.layer_grads(plan, g_calls)
+                if plan.weight is not None and plan.rule.order == "GA":
+                    full = torch.einsum("nsgo,nsgi->goi", g, a)
+                    rebuilt[plan.weight] = full[..., :-1] if plan.joint else full
+                    if plan.joint:
+                        rebuilt[plan.bias] = full[..., -1]
+                elif plan.weight is not None:
+                    rebuilt[plan.weight] = torch.einsum("nsgi,nsgo->io", a, g)
+                if plan.bias is not None and not plan.joint:
+                    rebuilt[plan.bias] = g.sum(dim=(0, 1))
+            else:
+                for role, u in self.norm_grads(plan, g_calls).items():
+                    rebuilt[getattr(plan, role)] = u.sum(0)
+            for name, r in rebuilt.items():
+                t = true[name].reshape(-1)
+                tol = 1e-6 * max(1.0, t.abs().max().item())
+                if not torch.allclose(r.reshape(-1), t, rtol=1e-4, atol=tol):
+                    raise ValueError(
+                        f"KFAC: the gradient of parameter {name!r} is not accounted for by the "
+                        f"calls of module {plan.path!r}: it is used outside the module's forward "
+                        "(weight tying or a functional call). Exclude it from params or untie it.")
