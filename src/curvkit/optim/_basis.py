@@ -250,7 +250,35 @@ def coupling_scores(P: Tensor) -> Tensor:
     """
     diag = torch.diagonal(P).abs().clamp_min(torch.finfo(P.dtype).tiny)
     W = P.square() / torch.outer(diag, diag)
-    return W.sum(1) - torch.diagonal(W)
+    W.fill_diagonal_(0)  # zero it rather than subtract it: no cancellation for tiny couplings
+    return W.sum(1)
+
+
+def _most_coupled(P: Tensor, rank: int) -> Tensor:
+    """The ``rank`` indices of the most strongly coupled pairs ``(i, j)``, taken pair by pair.
+
+    Selecting whole pairs matters: a rotation within ``I`` cannot reduce the coupling between
+    ``I`` and its complement, so choosing indices by a per-index score alone can settle on a set
+    whose block is already diagonal and stall. Taking the strongest pair first guarantees that the
+    largest whitened off-diagonal entry is reduced by every refresh.
+    """
+    d = P.shape[0]
+    diag = torch.diagonal(P).abs().clamp_min(torch.finfo(P.dtype).tiny)
+    W = torch.triu(P.square() / torch.outer(diag, diag), diagonal=1)
+    candidates = torch.topk(W.flatten(), min(rank * rank, d * d)).indices.tolist()
+    chosen: dict[int, None] = {}  # insertion-ordered set
+    for flat in candidates:
+        for i in divmod(flat, d):
+            if len(chosen) < rank:
+                chosen.setdefault(i)
+        if len(chosen) == rank:
+            break
+    if len(chosen) < rank:  # fewer coupled pairs than rank: fill by per-index score
+        for i in torch.argsort(coupling_scores(P), descending=True).tolist():
+            if len(chosen) == rank:
+                break
+            chosen.setdefault(i)
+    return torch.tensor(list(chosen), dtype=torch.long, device=P.device)
 
 
 def refresh(
@@ -268,9 +296,9 @@ def refresh(
     * ``"eigh"``: ``P = O Λ Oᵀ``; ``Q ← Q O``, ``P ← Λ``. The columns of ``O`` are aligned to the
       identity (greedy matching and sign fix), so per-column state stays attached.
     * ``"qr"``: one power-iteration step, ``Q ← qr(S Q) = Q qr(P)``; ``P ← Oᵀ P O``.
-    * ``"subspace"``: QR of the block ``P[I, I]`` for the ``rank`` columns ``I`` with the largest
-      :func:`coupling_scores`, sorted by ``P_ii`` descending; only ``Q[:, I]`` and the rows and
-      columns ``I`` of ``P`` change.
+    * ``"subspace"``: QR of the block ``P[I, I]`` for ``rank`` columns ``I`` taken from the most
+      strongly coupled pairs (whitened ``P_ij² / (P_ii P_jj)``), sorted by ``P_ii`` descending;
+      only ``Q[:, I]`` and the rows and columns ``I`` of ``P`` change.
 
     Args:
         Q: Basis ``(d, d)``.
@@ -302,7 +330,7 @@ def refresh(
     if method == "subspace":
         if rank is None or not 1 <= rank <= d:
             raise ValueError(f"refresh: subspace rank must be in [1, {d}]; got {rank}.")
-        chosen = torch.topk(coupling_scores(P), rank).indices
+        chosen = _most_coupled(P, rank)
         index = chosen[torch.argsort(torch.diagonal(P)[chosen], descending=True)]
         O = _qr_positive(P[index][:, index])  # (r, r)
         Q = Q.index_copy(1, index, Q[:, index] @ O)
