@@ -214,9 +214,11 @@ class FactorPass:
             raise ValueError(f"KFAC: parameters {self.others} belong to no supported layer "
                              "(Linear, Conv1d/2d/3d, Embedding, LayerNorm, RMSNorm, GroupNorm, "
                              "BatchNorm); pass other='diagonal' or 'dense', or exclude them.")
-        if self.others and self.fisher == "forward_only":
+        uncovered = self.others + [n for p in self.layers if not p.is_kron
+                                   for n in (p.weight, p.bias) if n is not None]
+        if uncovered and self.fisher == "forward_only":
             raise ValueError(f"KFAC: fisher='forward_only' has no curvature for parameters "
-                             f"{self.others} outside Linear/Conv/Embedding layers; exclude them "
+                             f"{uncovered} outside Linear/Conv/Embedding layers; exclude them "
                              "via params=.")
         for plan in self.layers:
             per_example = not plan.is_kron or self.per_example or batch.weights is not None

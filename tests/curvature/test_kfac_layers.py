@@ -1,0 +1,275 @@
+"""KFAC for convolutions, embeddings, norm layers, other parameters and weight tying."""
+
+import pytest
+import torch
+from torch import nn
+
+from curvkit.curvature.kfac import KFAC
+from kfac_cases import (
+    ChannelsLast,
+    class_data,
+    dense_ggn,
+    layer_mask,
+    regression_data,
+)
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+SPATIAL = {1: (7,), 2: (5, 4), 3: (3, 4, 3)}
+CONV_OPTIONS = [
+    dict(kernel_size=3),
+    dict(kernel_size=2, stride=2, padding=1),
+    dict(kernel_size=2, dilation=2, padding=1, groups=2),
+    dict(kernel_size=3, padding="same", padding_mode="reflect"),
+]
+
+
+def groups_of(model):
+    groups = {}
+    for n, _ in model.named_parameters():
+        groups.setdefault(n.rpartition(".")[0], []).append(n)
+    return list(groups.values())
+
+
+def assert_layer_blocks(K, R, model, groups=None):
+    mask = layer_mask(model, groups or groups_of(model))
+    torch.testing.assert_close(K[mask], R[mask])
+    assert (K[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("options", CONV_OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+def test_conv_expand_exact_for_per_pixel_outputs(dim, options):
+    # A conv whose output pixels each carry their own MSE terms (channels last): every output
+    # pixel sees only its own patch, the expand case of Eschenhagen et al. (2023).
+    torch.manual_seed(0)
+    model = nn.Sequential(CONV[dim](2, 4, **options), ChannelsLast())
+    with torch.no_grad():
+        out_shape = model(torch.zeros(1, 2, *SPATIAL[dim])).shape[1:]
+    data = regression_data((2, *SPATIAL[dim]), out_shape, sizes=(2, 3))
+    loss_fn = nn.MSELoss()
+    K = KFAC(model, loss_fn, data, approx="expand").to_dense()
+    assert_layer_blocks(K, dense_ggn(model, loss_fn, data), model)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("options", CONV_OPTIONS[:3], ids=lambda o: "-".join(map(str, o.values())))
+def test_conv_reduce_exact_before_global_pooling(dim, options):
+    # Global average pooling makes the output gradient the same at every pixel: reduce is exact.
+    torch.manual_seed(0)
+    model = nn.Sequential(CONV[dim](2, 4, **options), POOL[dim](1), nn.Flatten(), nn.Linear(4, 3))
+    data = regression_data((2, *SPATIAL[dim]), (3,), sizes=(2, 3))
+    loss_fn = nn.MSELoss(reduction="sum")
+    K = KFAC(model, loss_fn, data, approx="reduce").to_dense()
+    R = dense_ggn(model, loss_fn, data)
+    # one Kronecker block per convolution group: rows of W (and b) of output channels 2j, 2j+1
+    conv = model[0]
+    groups, w_size = conv.groups, conv.weight.numel()
+    per_row = w_size // conv.out_channels
+    mask = layer_mask(model, [["3.weight", "3.bias"]])
+    rows = torch.arange(conv.out_channels).reshape(groups, -1)
+    for j in range(groups):
+        ix = torch.cat([(rows[j].unsqueeze(1) * per_row + torch.arange(per_row)).reshape(-1),
+                        w_size + rows[j]])
+        mask[ix.unsqueeze(1), ix.unsqueeze(0)] = True
+    torch.testing.assert_close(K[mask], R[mask])
+    assert (K[~mask] == 0).all()
+
+
+class TokenRegression(nn.Module):
+    """Embedding → Linear per token; outputs ``(N, S, D)`` with per-token MSE."""
+
+    def __init__(self, vocab=6, width=3, out=2, padding_idx=None):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width, padding_idx=padding_idx)
+        self.head = nn.Linear(width, out)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_embedding_expand_exact_for_per_token_outputs(padding_idx):
+    torch.manual_seed(0)
+    model = TokenRegression(padding_idx=padding_idx)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 6, (n, 5), generator=g), torch.randn(n, 5, 2, generator=g))
+            for n in (2, 3)]
+    loss_fn = nn.MSELoss()
+    K = KFAC(model, loss_fn, data).to_dense()
+    assert_layer_blocks(K, dense_ggn(model, loss_fn, data), model)
+
+
+NORMS = {
+    "layernorm": lambda: nn.LayerNorm(4),
+    "layernorm_nobias": lambda: nn.LayerNorm(4, bias=False),
+    "rmsnorm": lambda: nn.RMSNorm(4),
+    "groupnorm": lambda: nn.GroupNorm(2, 4),
+    "batchnorm": lambda: nn.BatchNorm1d(4).eval(),
+}
+
+
+def norm_model(norm, seq):
+    torch.manual_seed(0)
+    layer = NORMS[norm]()
+    with torch.no_grad():  # away from the initial γ = 1, β = 0 and default running stats
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        if isinstance(layer, nn.BatchNorm1d):
+            layer.running_mean.uniform_(-0.5, 0.5)
+            layer.running_var.uniform_(0.5, 1.5)
+    body = [nn.Linear(3, 4), layer, nn.Tanh()]
+    if seq:
+        return nn.Sequential(*body, MeanTokens(), nn.Linear(4, 3))
+    return nn.Sequential(*body, nn.Linear(4, 3))
+
+
+class MeanTokens(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+@pytest.mark.parametrize("separate_bias", [False, True])
+def test_norm_blocks_equal_the_ggn_blocks(norm, separate_bias):
+    # One output term per example: the per-example affine gradients of every column of the
+    # output-Hessian square root are exact, so the norm block is the GGN block itself.
+    seq = norm in ("layernorm", "rmsnorm")
+    model = norm_model(norm, seq)
+    data = class_data((5, 3) if seq else (3,), 3, sizes=(3, 4))
+    loss_fn = nn.CrossEntropyLoss()
+    K = KFAC(model, loss_fn, data, separate_bias=separate_bias).to_dense()
+    R = dense_ggn(model, loss_fn, data)
+    norm_names = [n for n, _ in model.named_parameters() if n.startswith("1.")]
+    groups = [[n] for n in norm_names] if separate_bias else [norm_names]
+    mask = layer_mask(model, groups)
+    torch.testing.assert_close(K[mask], R[mask])
+
+
+class WithFreeParameters(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.scale = nn.Parameter(torch.tensor([0.7, 1.3, -0.4, 1.1]))
+        self.shift = nn.Parameter(torch.randn(2, 2))
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x) * self.scale + self.shift.reshape(-1))
+        return self.out(h)
+
+
+@pytest.mark.parametrize("other", ["diagonal", "dense"])
+def test_other_parameters_are_exact_from_the_same_vectors(other):
+    torch.manual_seed(0)
+    model = WithFreeParameters()
+    data = class_data((3,), 3, sizes=(3, 4))
+    loss_fn = nn.CrossEntropyLoss()
+    K = KFAC(model, loss_fn, data, other=other).to_dense()
+    R = dense_ggn(model, loss_fn, data)
+    groups = [["scale"], ["shift"]]
+    mask = layer_mask(model, groups)
+    if other == "dense":
+        torch.testing.assert_close(K[mask], R[mask])
+    else:
+        diag = torch.zeros_like(mask)
+        diag[mask.diagonal().nonzero(), mask.diagonal().nonzero()] = True
+        torch.testing.assert_close(K[diag], R[diag])
+        assert (K[mask & ~diag] == 0).all()
+    with pytest.raises(ValueError, match="scale"):
+        KFAC(model, loss_fn, data, other="error")
+
+
+def test_multihead_attention_projection_falls_to_other():
+    # nn.MultiheadAttention calls F.linear with out_proj.weight: its hook never fires.
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    model = Attn().eval()
+    data = class_data((3, 4), 3, sizes=(2, 3))
+    loss_fn = nn.CrossEntropyLoss()
+    K = KFAC(model, loss_fn, data, other="dense")
+    R = dense_ggn(model, loss_fn, data)
+    names = [n for n, _ in model.named_parameters() if n.startswith("attn.")]
+    mask = layer_mask(model, [[n] for n in names])
+    torch.testing.assert_close(K.to_dense()[mask], R[mask])
+    assert set(K.others) == set(names)
+
+
+def test_tied_weights_across_modules_raise():
+    model = TokenRegression(vocab=4, width=3, out=4)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(4, 3)
+            self.head = nn.Linear(3, 4, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, t):
+            return self.head(self.embed(t)).transpose(1, 2)
+
+    data = [(torch.randint(0, 4, (2, 5)), torch.randint(0, 4, (2, 5)))]
+    with pytest.raises(ValueError, match="weight tying"):
+        KFAC(Tied(), nn.CrossEntropyLoss(), data)
+    del model
+
+
+def test_functional_reuse_of_a_layer_weight_raises():
+    class Reuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return nn.functional.linear(self.lin(x), self.lin.weight)
+
+    data = regression_data((3,), (3,))
+    with pytest.raises(ValueError, match="not accounted for"):
+        KFAC(Reuse(), nn.MSELoss(), data)
+
+
+def test_module_called_twice_counts_both_calls_as_positions():
+    # The same Linear applied to two halves equals one weight-shared Linear over 2 positions.
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 2)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = shared
+
+        def forward(self, x):
+            return torch.stack([self.lin(x[:, :3]), self.lin(x[:, 3:])], dim=1)
+
+    class AsSequence(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = shared
+
+        def forward(self, x):
+            return self.lin(x.reshape(x.shape[0], 2, 3))
+
+    data = regression_data((6,), (2, 2))
+    for approx in ("expand", "reduce"):
+        a = KFAC(Twice(), nn.MSELoss(), data, approx=approx).to_dense()
+        b = KFAC(AsSequence(), nn.MSELoss(), data, approx=approx).to_dense()
+        torch.testing.assert_close(a, b)
+    # expand with per-position outputs is exact here
+    assert_layer_blocks(KFAC(Twice(), nn.MSELoss(), data).to_dense(),
+                        dense_ggn(Twice(), nn.MSELoss(), data), Twice())
+
+
+def test_forward_only_refuses_norm_and_other_parameters():
+    model = norm_model("layernorm", seq=False)
+    data = class_data((3,), 3)
+    with pytest.raises(ValueError, match="forward_only"):
+        KFAC(model, nn.CrossEntropyLoss(), data, fisher="forward_only")
