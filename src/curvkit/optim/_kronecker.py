@@ -62,8 +62,8 @@ def layout(shape: torch.Size | tuple[int, ...], *, max_dim: int, merge_dims: boo
     Args:
         shape: Parameter shape.
         max_dim: Largest axis that gets its own ``(d, d)`` factor.
-        merge_dims: Greedily merge adjacent axes while their product stays ``<= max_dim``
-            (e.g. a conv kernel ``(64, 32, 3, 3)`` becomes ``(64, 288)``).
+        merge_dims: Greedily merge adjacent axes, starting from the last, while their product
+            stays ``<= max_dim`` (a conv kernel ``(64, 32, 3, 3)`` becomes ``(64, 288)``).
         large_dims: ``"block"`` splits axes above ``max_dim`` into blocks of at most ``max_dim``;
             ``"identity"`` leaves them unpreconditioned (one-sided, or diagonal if no axis
             remains).
@@ -73,12 +73,13 @@ def layout(shape: torch.Size | tuple[int, ...], *, max_dim: int, merge_dims: boo
     """
     dims = [d for d in shape if d != 1] or [1]
     if merge_dims and len(dims) > 1:
-        merged = [dims[0]]
-        for d in dims[1:]:
-            if merged[-1] * d <= max_dim:
-                merged[-1] *= d
+        # from the last axis backwards, so a conv kernel's (in, kh, kw) merge before out joins
+        merged = [dims[-1]]
+        for d in reversed(dims[:-1]):
+            if merged[0] * d <= max_dim:
+                merged[0] *= d
             else:
-                merged.append(d)
+                merged.insert(0, d)
         dims = merged
     work = tuple(dims)
     if len(work) < 2:
@@ -190,7 +191,11 @@ class KroneckerOptimizer(Optimizer):
             state["blocks"] = []
             for slices in plan.blocks:
                 shape = tuple(len(range(*s.indices(d))) for s, d in zip(slices, plan.shape))
-                block = self._init_block(shape, plan.axes, group, wd, p.device)
+                if plan.axes:
+                    block = self._init_block(shape, plan.axes, group, wd, p.device)
+                else:  # no preconditioned axis: Adam's state (see _adam_block)
+                    block = {key: torch.zeros(shape, dtype=wd, device=p.device)
+                             for key in ("exp_avg", "exp_avg_sq")}
                 state["blocks"].append({k: v.to(sd) if isinstance(v, Tensor) else v
                                         for k, v in block.items()})
         s = state["step"]
