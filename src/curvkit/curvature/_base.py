@@ -1,0 +1,108 @@
+"""Shared machinery of the exact curvature operators: construction, blocks, column handling."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.curvature.engine import Batch, DataEngine, group_params, resolve_params
+from curvkit.curvature.losses import output_loss
+from curvkit.linalg import BlockDiagonal, LinearOperator
+
+__all__ = ["CurvatureOperator"]
+
+
+def split_columns(X: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``(P, k)`` block → mapping name → ``(k, *shape)`` tangents (columns first, for vmap)."""
+    sizes = [p.numel() for p in params.values()]
+    return {n: x.T.reshape(X.shape[1], *p.shape)
+            for (n, p), x in zip(params.items(), X.split(sizes))}
+
+
+def join_columns(parts: Iterable[Tensor], k: int) -> Tensor:
+    """Tensors ``(k, *shape_i)`` → ``(P, k)`` block."""
+    return torch.cat([p.reshape(k, -1) for p in parts], dim=1).T
+
+
+class CurvatureOperator(LinearOperator):
+    """Base of the square curvature operators ``Op(model, loss_fn, data, params=None, **options)``.
+
+    A subclass implements ``_batch_matmat(batch, V)``: the batch's *sum-reduced* contribution
+    to ``A @ V`` for tangents ``V`` (mapping name → ``(k, *shape)``), as a list of
+    ``(k, *shape)`` tensors in ``params`` order. Normalisation, distributed reduction and the
+    data loop live in the engine.
+
+    ``blocks=`` (``"layer"``, ``"param"`` or a list of parameter groups) returns a
+    ``curvkit.linalg.BlockDiagonal`` of one operator per group instead.
+    """
+
+    is_symmetric = True
+    _analytic = True  # needs a closed-form output Hessian (the GGN family)
+    _allow_weights = False
+
+    def __new__(cls, *args, blocks=None, **kwargs):
+        if blocks is None:
+            return super().__new__(cls)
+        return cls._block_diagonal(blocks, args, kwargs)
+
+    @classmethod
+    def _block_diagonal(cls, blocks, args, kwargs) -> BlockDiagonal:
+        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        bound.apply_defaults()
+        options = dict(bound.arguments)
+        options.pop("self")
+        options.update(options.pop("kwargs", {}))
+        options.pop("blocks", None)
+        selected = resolve_params(options["model"], options["params"], cls.__name__)
+        groups = group_params(selected, blocks, cls.__name__)
+        ops = []
+        for i, group in enumerate(groups):  # check the data once, not once per block
+            check = options["check_deterministic"] and i == 0
+            ops.append(cls(**{**options, "params": group, "check_deterministic": check}))
+        return BlockDiagonal(ops, in_shapes=[p.shape for g in groups for p in g.values()])
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable, params=None, *,
+                 progress: bool = False, check_deterministic: bool = True,
+                 num_data: int | None = None, batch_size_fn: Callable | None = None,
+                 blocks=None):
+        name = type(self).__name__
+        loss = output_loss(loss_fn, caller=name, analytic=self._analytic)
+        selected = resolve_params(model, params, name)
+        self.engine = DataEngine(model, loss, data, selected, caller=name, progress=progress,
+                                 check_deterministic=check_deterministic, num_data=num_data,
+                                 batch_size_fn=batch_size_fn, allow_weights=self._allow_weights)
+        self.loss = loss
+        first = next(iter(selected.values()))
+        P = sum(p.numel() for p in selected.values())
+        super().__init__((P, P), dtype=first.dtype, device=first.device,
+                         in_shapes=[p.shape for p in selected.values()])
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """The parameters the operator acts on (name → tensor), in the order of its vectors."""
+        return self.engine.params
+
+    def _detached(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.engine.params.items()}
+
+    def _output(self, batch: Batch, params: dict[str, Tensor]) -> Tensor:
+        out = self.engine.forward(batch.X, params)
+        self.loss.check(out, batch.y)
+        return out
+
+    def _batch_matmat(self, batch: Batch, V: dict[str, Tensor]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        k = X.shape[1]
+        V = split_columns(X, self.engine.params)
+        parts = self.engine.reduce_over_data(lambda b: self._batch_matmat(b, V),
+                                             desc=f"{type(self).__name__} @ ({k} columns)")
+        return join_columns(parts, k)
+
+    def _numel(self) -> int:
+        return sum(math.prod(s) for s in self.in_shapes)

@@ -1,0 +1,429 @@
+"""The data engine: the one place that loops over data for every curvature operator.
+
+``DataEngine`` owns the model, the loss, the data and the parameters an operator acts on, and
+handles everything that is the same for all curvature matrices:
+
+- batches ``(X, y)`` (or weighted ``(X, y, w)``, for estimators that accept them) from any
+  re-iterable; ``X`` a tensor or a mapping of tensors (Hugging Face style), with the batch size
+  from ``batch_size_fn(X)``, ``X.shape[0]`` or ``y.shape[0]``;
+- the loss normalisation over **all** data. Every batch contributes its *sum-reduced* quantity,
+  and the total is divided by the global number of loss terms ``T`` once at the end (``1`` for
+  ``reduction="sum"``). ``T`` counts what PyTorch's mean divides by: tokens that are not
+  ``ignore_index`` (class-weighted if the loss has weights) for cross-entropy, output entries for
+  MSE/BCE, examples for any other loss. Unequal batches and sequence outputs therefore need no
+  special handling;
+- ``progress=True`` (a tqdm bar per pass), ``check_deterministic=True`` (Dropout, train-mode
+  BatchNorm and shuffling loaders raise at construction), ``num_data`` (skips the counting pass
+  for callers that need ``T`` before a pass);
+- the math SDPA kernel during every pass, so attention can be differentiated twice, and a clear
+  error when a module cannot be;
+- distributed reduction: with ``torch.distributed`` initialised, each rank's ``data`` is its
+  shard, and sums and counts are all-reduced in one collective.
+
+Interface for estimators built on the engine (KFAC, EKFAC):
+
+- ``engine.params``: ordered mapping name → tensor of the selected parameters.
+- ``engine.forward(X, params=None)``: the model output with ``params`` substituted (the other
+  parameters held fixed), via ``torch.func.functional_call``.
+- ``engine.reduce_over_data(fn, desc=...)``: calls ``fn(batch)`` for every ``Batch`` and returns
+  the list of tensors it returns, summed over batches and ranks and multiplied by
+  ``engine.scale`` (``1/T`` or 1) — the usual way to build a normalised quantity in one pass.
+- ``engine.for_each_batch(callback)``: calls ``callback(batch, output, factor)`` with the model
+  output (computed with autograd enabled, so module hooks and a backward pass work) and the
+  batch's normalisation factor ``factor = batch.count / T`` for mean reduction (1 for sum), i.e.
+  the weight of the batch's own reduced loss in the loss over all data. It needs ``T`` first:
+  one counting pass over the targets (no forward), skipped when ``num_data`` is given or a
+  determinism check already ran.
+- ``engine.num_terms()``, ``engine.loss_scale()``, ``engine.all_reduce(tensors)``,
+  ``engine.context()`` (math SDPA + error translation) for custom loops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+from torch.utils._pytree import tree_leaves
+
+from curvkit import distributed
+from curvkit.curvature.losses import OutputLoss
+
+__all__ = ["Batch", "DataEngine", "resolve_params", "group_params"]
+
+# Substrings of PyTorch's messages when an op lacks a second-order or batching rule.
+_NOT_TWICE_DIFFERENTIABLE = (
+    "derivative for", "not implemented", "double backward", "forward AD", "forward-mode",
+    "does not support", "Batching rule not implemented", "backward of backward",
+)
+
+
+@dataclass
+class Batch:
+    """One batch as the engine hands it out.
+
+    Attributes:
+        X: Model input, a tensor ``(N, ...)`` or a mapping of tensors.
+        y: Targets ``(N, ...)``.
+        weights: Per-example weights ``(N,)`` for weighted batches ``(X, y, w)``, else ``None``.
+        batch_size: ``N``.
+        count: Number of loss terms in the batch (what ``reduction="mean"`` divides by).
+        index: Position of the batch in the data.
+    """
+
+    X: Tensor | Mapping[str, Any]
+    y: Tensor
+    weights: Tensor | None
+    batch_size: int
+    count: float
+    index: int
+
+
+def resolve_params(model: nn.Module, params, caller: str) -> dict[str, Tensor]:
+    """Selected parameters as an ordered mapping name → tensor.
+
+    Args:
+        model: The model.
+        params: ``None`` (all parameters with ``requires_grad``), a sequence of the model's
+            parameter tensors, or a mapping from parameter names to tensors of their shapes.
+        caller: Name used in error messages.
+
+    Returns:
+        The mapping, in the order given (model order for ``None``).
+
+    Raises:
+        TypeError: If ``params`` is of another kind or holds non-tensors.
+        ValueError: If a parameter is not the model's, repeated, misshaped, or none is selected.
+    """
+    named = dict(model.named_parameters())
+    if params is None:
+        selected = {n: p for n, p in named.items() if p.requires_grad}
+    elif isinstance(params, Mapping):
+        selected = {}
+        for name, value in params.items():
+            if name not in named:
+                raise ValueError(f"{caller}: {name!r} is not a parameter of the model; "
+                                 f"its parameters are {sorted(named)}.")
+            if not isinstance(value, Tensor) or value.shape != named[name].shape:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{caller}: params[{name!r}] must be a tensor of shape "
+                                 f"{tuple(named[name].shape)}; got {got}.")
+            selected[name] = value
+    elif isinstance(params, Sequence) and not isinstance(params, Tensor):
+        by_id = {id(p): n for n, p in named.items()}
+        selected = {}
+        for i, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"{caller}: params[{i}] must be a tensor; got {type(p).__name__}.")
+            if id(p) not in by_id:
+                raise ValueError(f"{caller}: params[{i}] (shape {tuple(p.shape)}) is not a "
+                                 "parameter of the model; pass the model's own tensors or a "
+                                 "name → tensor mapping.")
+            if by_id[id(p)] in selected:
+                raise ValueError(f"{caller}: params[{i}] ({by_id[id(p)]!r}) is listed twice.")
+            selected[by_id[id(p)]] = p
+    else:
+        raise TypeError(f"{caller}: params must be None, a list of tensors or a mapping name → "
+                        f"tensor; got {type(params).__name__}.")
+    if not selected:
+        raise ValueError(f"{caller}: no parameters selected (the model has no trainable parameters "
+                         "or params is empty).")
+    dtypes = {p.dtype for p in selected.values()}
+    devices = {p.device for p in selected.values()}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(f"{caller}: parameters must share one dtype and device; got dtypes "
+                         f"{sorted(map(str, dtypes))} on devices {sorted(map(str, devices))}.")
+    return selected
+
+
+def group_params(selected: dict[str, Tensor], blocks, caller: str) -> list[dict[str, Tensor]]:
+    """Split the selected parameters into blocks.
+
+    Args:
+        selected: Ordered mapping name → tensor (from ``resolve_params``).
+        blocks: ``"layer"`` (parameters of one module together), ``"param"`` (one block per
+            tensor), or a sequence of groups, each a sequence of parameter names or tensors
+            from ``selected``.
+        caller: Name used in error messages.
+
+    Returns:
+        The groups as mappings name → tensor.
+
+    Raises:
+        ValueError: If a group names an unselected parameter or parameters appear twice.
+    """
+    if blocks == "param":
+        return [{n: p} for n, p in selected.items()]
+    if blocks == "layer":
+        groups: dict[str, dict[str, Tensor]] = {}
+        for n, p in selected.items():
+            groups.setdefault(n.rpartition(".")[0], {})[n] = p
+        return list(groups.values())
+    if isinstance(blocks, str) or not isinstance(blocks, Sequence):
+        raise ValueError(f"{caller}: blocks must be 'layer', 'param' or a list of parameter "
+                         "groups; "
+                         f"got {blocks!r}.")
+    by_id = {id(p): n for n, p in selected.items()}
+    seen: set[str] = set()
+    out = []
+    for i, group in enumerate(blocks):
+        names = []
+        for item in group:
+            name = item if isinstance(item, str) else by_id.get(id(item))
+            if name not in selected:
+                what = repr(item) if isinstance(item, str) else "a tensor"
+                raise ValueError(f"{caller}: blocks[{i}] holds {what}, which is not among the "
+                                 "selected parameters.")
+            if name in seen:
+                raise ValueError(f"{caller}: parameter {name!r} appears in two blocks.")
+            seen.add(name)
+            names.append(name)
+        if not names:
+            raise ValueError(f"{caller}: blocks[{i}] is empty.")
+        out.append({n: selected[n] for n in names})
+    return out
+
+
+class DataEngine:
+    """Loop over data for a curvature operator (see the module docstring).
+
+    Args:
+        model: ``nn.Module`` called as ``model(X)``.
+        loss: The wrapped loss (``None`` for operators without one, e.g. the Jacobian).
+        data: Re-iterable of ``(X, y)`` (or ``(X, y, w)``) batches.
+        params: Ordered mapping name → tensor of the selected parameters.
+        caller: Operator name for messages and progress bars.
+        progress: Show a tqdm bar for every pass.
+        check_deterministic: Refuse Dropout/train-mode BatchNorm and check, with two forward
+            passes, that data and model give identical batches and losses.
+        num_data: Number of examples over all ranks; spares the counting pass.
+        batch_size_fn: ``X ↦ N`` for mapping inputs.
+        allow_weights: Accept weighted batches ``(X, y, w)``.
+    """
+
+    def __init__(self, model: nn.Module, loss: OutputLoss | None, data: Iterable,
+                 params: dict[str, Tensor], *, caller: str, progress: bool = False,
+                 check_deterministic: bool = True, num_data: int | None = None,
+                 batch_size_fn: Callable[[Any], int] | None = None, allow_weights: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{caller}: model must be an nn.Module; got {type(model).__name__}.")
+        if not isinstance(data, Iterable):
+            raise TypeError(f"{caller}: data must be an iterable of (X, y) batches; got "
+                            f"{type(data).__name__}.")
+        if iter(data) is data:
+            raise TypeError(f"{caller}: data must be re-iterable (a list or a DataLoader), since "
+                            "every product is a pass over it; got a one-shot iterator.")
+        if num_data is not None and (not isinstance(num_data, int) or num_data <= 0):
+            raise ValueError(f"{caller}: num_data must be a positive int; got {num_data!r}.")
+        self.model, self.loss, self.data, self.caller = model, loss, data, caller
+        self.params = params
+        self.progress, self.num_data, self.batch_size_fn = progress, num_data, batch_size_fn
+        self.allow_weights = allow_weights
+        names = set(params)
+        self._fixed = {n: p.detach() for n, p in model.named_parameters() if n not in names}
+        self._num_terms: float | None = None  # global T once known
+        if check_deterministic:
+            self._check_deterministic()
+
+    # ------------------------------------------------------------------ model
+    def forward(self, X, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Model output at ``params`` (default: ``self.params``), other parameters fixed."""
+        return functional_call(self.model, (dict(self.params if params is None else params),
+                                            self._fixed), (X,))
+
+    @property
+    def scale(self) -> float | None:
+        """``1/T`` for mean reduction once ``T`` is known, 1 for sum, else ``None``."""
+        if self.loss is None or self.loss.reduction == "sum":
+            return 1.0
+        return None if self._num_terms is None else 1.0 / self._num_terms
+
+    # ------------------------------------------------------------------ batches
+    def _batch_size(self, X, y) -> int:
+        if self.batch_size_fn is not None:
+            return int(self.batch_size_fn(X))
+        if isinstance(X, Tensor):
+            return X.shape[0]
+        if isinstance(y, Tensor):
+            return y.shape[0]
+        raise ValueError(f"{self.caller}: cannot infer the batch size of a {type(X).__name__} "
+                         "input; pass batch_size_fn=...")
+
+    def batches(self, desc: str | None = None) -> Iterator[Batch]:
+        """Iterate over the data as ``Batch`` objects (with a progress bar if requested)."""
+        it = self.data
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc=desc or self.caller, leave=False)
+        for i, item in enumerate(it):
+            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+                length = f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""
+                raise ValueError(f"{self.caller}: each batch must be a tuple (X, y) or (X, y, w); "
+                                 f"batch {i} is a {type(item).__name__}{length}.")
+            X, y = item[0], item[1]
+            w = item[2] if len(item) == 3 else None
+            if w is not None and not self.allow_weights:
+                raise ValueError(f"{self.caller}: batch {i} is weighted (X, y, w); this operator "
+                                 "takes unweighted (X, y) batches.")
+            if not isinstance(X, (Tensor, Mapping)):
+                raise TypeError(f"{self.caller}: X must be a tensor or a mapping of tensors; batch "
+                                f"{i} has {type(X).__name__}.")
+            n = self._batch_size(X, y)
+            count = 0.0 if self.loss is None else float(self.loss.count(y, n))
+            yield Batch(X, y, w, n, count, i)
+
+    # ------------------------------------------------------------------ normalisation
+    def num_terms(self) -> float:
+        """Global number of loss terms ``T`` (a counting pass over targets if not yet known)."""
+        if self._num_terms is None:
+            first, total = None, 0.0
+            for batch in self.batches(desc=f"{self.caller}: counting"):
+                if self.num_data is not None:
+                    first = batch
+                    break
+                total += batch.count
+            if first is not None:  # terms per example from the first batch, times num_data
+                total = self.num_data * first.count / first.batch_size
+            elif distributed.is_distributed():
+                total = self.all_reduce([torch.tensor([total], dtype=torch.float64)])[0].item()
+            self._set_num_terms(total, counted=first is None)
+        return self._num_terms
+
+    def _set_num_terms(self, total: float, *, counted: bool) -> None:
+        if self.loss is not None and self.loss.reduction == "mean" and total <= 0:
+            raise ValueError(f"{self.caller}: the data hold no loss terms (all targets ignored?); "
+                             "the mean-reduced loss is undefined.")
+        if counted and self.num_data is not None and self._num_terms is not None and \
+                not math.isclose(total, self._num_terms, rel_tol=1e-9):
+            raise ValueError(
+                f"{self.caller}: num_data={self.num_data} implies {self._num_terms:g} loss terms, "
+                f"but the data hold {total:g} (ignored tokens or unequal sequence lengths?); "
+                "omit num_data to count them."
+            )
+        if self._num_terms is None or counted:
+            self._num_terms = total
+
+    def loss_scale(self) -> float:
+        """``1/T`` for mean reduction, 1 for sum."""
+        if self.loss is None or self.loss.reduction == "sum":
+            return 1.0
+        return 1.0 / self.num_terms()
+
+    def all_reduce(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Sum tensors over ranks (identity on one process)."""
+        return distributed.all_reduce_sum(tensors)
+
+    # ------------------------------------------------------------------ passes
+    @contextlib.contextmanager
+    def context(self):
+        """Math SDPA kernel (twice differentiable) and a clear error if the model is not."""
+        with sdpa_kernel(SDPBackend.MATH):
+            try:
+                yield
+            except (RuntimeError, NotImplementedError) as err:
+                if any(key in str(err) for key in _NOT_TWICE_DIFFERENTIABLE):
+                    raise RuntimeError(
+                        f"{self.caller}: the model cannot be differentiated as this operator needs "
+                        "(forward-mode or second-order derivatives, or vmap over them). "
+                        "Replace the offending module by a twice-differentiable one. "
+                        f"PyTorch said: {err}"
+                    ) from err
+                raise
+
+    def reduce_over_data(self, fn: Callable[[Batch], list[Tensor]], *,
+                         desc: str | None = None) -> list[Tensor]:
+        """Sum ``fn(batch)`` over batches and ranks and normalise by the loss reduction.
+
+        Args:
+            fn: Maps a batch to a list of tensors holding its sum-reduced contribution.
+            desc: Progress-bar label.
+
+        Returns:
+            The summed tensors times ``1/T`` (mean) or 1 (sum); ``T`` is counted in the same pass.
+        """
+        totals: list[Tensor] | None = None
+        count = 0.0
+        with self.context():
+            for batch in self.batches(desc):
+                parts = fn(batch)
+                totals = parts if totals is None else [a + b for a, b in zip(totals, parts)]
+                count += batch.count
+        if totals is None:
+            raise ValueError(f"{self.caller}: data yielded no batches.")
+        if distributed.is_distributed():
+            count_t = torch.tensor([count], dtype=totals[0].dtype, device=totals[0].device)
+            *totals, count_t = self.all_reduce([*totals, count_t])
+            count = count_t.item()
+        if self.loss is not None:
+            self._set_num_terms(count, counted=True)
+        scale = self.loss_scale() if self.loss is not None else 1.0
+        return [t * scale for t in totals] if scale != 1.0 else totals
+
+    def for_each_batch(self, callback: Callable[[Batch, Tensor, float], None], *,
+                       desc: str | None = None) -> None:
+        """Call ``callback(batch, output, factor)`` for every batch (see the module docstring)."""
+        scale = self.loss_scale()
+        with self.context():
+            for batch in self.batches(desc):
+                output = self.forward(batch.X)
+                factor = batch.count * scale if self.loss.reduction == "mean" else 1.0
+                callback(batch, output, factor)
+
+    # ------------------------------------------------------------------ determinism
+    def _check_deterministic(self) -> None:
+        for name, module in self.model.named_modules():
+            if isinstance(module, _DropoutNd) and module.training and module.p > 0:
+                raise ValueError(
+                    f"{self.caller}: module {name!r} ({type(module).__name__}, p={module.p}) is in "
+                    "training mode, so the curvature changes at every product; call model.eval() "
+                    "(or pass check_deterministic=False)."
+                )
+            if isinstance(module, _BatchNorm) and module.training:
+                raise ValueError(
+                    f"{self.caller}: module {name!r} ({type(module).__name__}) is in training "
+                    "mode: it normalises with batch statistics and updates its running "
+                    "statistics at every pass; call model.eval() (or pass "
+                    "check_deterministic=False)."
+                )
+        first, second = self._fingerprints(), self._fingerprints()
+        if len(first) != len(second):
+            raise ValueError(f"{self.caller}: the data gave {len(first)} batches, then "
+                             f"{len(second)}; the data must be the same at every pass.")
+        for i, (a, b) in enumerate(zip(first, second)):
+            if not torch.allclose(a[:2], b[:2], rtol=1e-10, atol=0.0):
+                raise ValueError(f"{self.caller}: batch {i} differs between two passes over the "
+                                 "data (a shuffling DataLoader or random augmentation?); use a "
+                                 "fixed order.")
+            if not torch.allclose(a[2:], b[2:], rtol=1e-5, atol=1e-8):
+                raise ValueError(f"{self.caller}: the model gives different outputs for batch {i} "
+                                 "in two passes (random layers?); make it deterministic "
+                                 "(model.eval()).")
+        if self.loss is not None and self.num_data is None:
+            total = float(sum(f[3] for f in first))
+            if distributed.is_distributed():
+                total = self.all_reduce([torch.tensor([total], dtype=torch.float64)])[0].item()
+            self._set_num_terms(total, counted=True)
+
+    def _fingerprints(self) -> list[Tensor]:
+        """Per batch: sums of inputs and targets, of the output, and the term count."""
+        rows = []
+        with torch.no_grad(), self.context():
+            for batch in self.batches(desc=f"{self.caller}: determinism check"):
+                x_sum = sum(t.double().sum() for t in tree_leaves(batch.X) if isinstance(t, Tensor))
+                out = self.forward(batch.X)
+                rows.append(torch.stack([
+                    torch.as_tensor(x_sum, dtype=torch.float64).cpu(),
+                    batch.y.double().sum().cpu(),
+                    out.double().sum().cpu(),
+                    torch.tensor(batch.count, dtype=torch.float64),
+                ]))
+        return rows
