@@ -2,9 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
-
-from curvkit.curvature.kfac import KFAC
 from kfac_cases import (
     ChannelsLast,
     class_data,
@@ -12,6 +9,9 @@ from kfac_cases import (
     layer_mask,
     regression_data,
 )
+from torch import nn
+
+from curvkit.curvature.kfac import KFAC
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}

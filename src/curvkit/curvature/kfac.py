@@ -305,7 +305,8 @@ class KFAC(LinearOperator):
                 continue
             A, G = f["A"], f["G"]
             if spec.order == "AG":
-                blocks.append(Block(idx(spec.weight, -1), "kron", (A[0], G[0]), spec.path, a_pos=0))
+                blocks.append(Block(idx(spec.weight, -1), "kron", (A[0], G[0]), spec.path,
+                                    a_pos=0, key=("W", 0)))
                 continue
             groups, d_out = G.shape[0], G.shape[1]
             one = torch.ones(1, 1, dtype=G.dtype, device=G.device)
@@ -313,11 +314,11 @@ class KFAC(LinearOperator):
                 iw = idx(spec.weight, groups, d_out, -1)
                 if spec.joint:
                     iw = torch.cat([iw, idx(spec.bias, groups, d_out, 1)], dim=2)
-                blocks += [Block(iw[j].reshape(-1), "kron", (G[j], A[j]), spec.path, a_pos=1)
-                           for j in range(groups)]
+                blocks += [Block(iw[j].reshape(-1), "kron", (G[j], A[j]), spec.path, a_pos=1,
+                                 key=("W", j)) for j in range(groups)]
             if spec.bias is not None and not spec.joint:
                 ib = idx(spec.bias, groups, d_out)
-                blocks += [Block(ib[j], "kron", (G[j], one), spec.path, a_pos=1)
+                blocks += [Block(ib[j], "kron", (G[j], one), spec.path, a_pos=1, key=("b", j))
                            for j in range(groups)]
         diag = [n for n in self.others if "diagonal" in self.factors[n]]
         if diag:

@@ -40,6 +40,8 @@ class Block:
         data: The tensors, see ``kind``.
         label: Layer path or parameter name, for messages.
         a_pos: For ``"kron"``, which factor is the input factor ``A`` (0 or 1).
+        key: For ``"kron"``: ``("W", j)`` (weight, with the joint bias, of group ``j``) or
+            ``("b", j)`` (separate bias of group ``j``); lets EKFAC find its eigenvalues.
     """
 
     index: Tensor
@@ -47,6 +49,7 @@ class Block:
     data: tuple[Tensor, ...]
     label: str
     a_pos: int = 1
+    key: tuple = ()
 
     def operator(self) -> LinearOperator:
         """The block as a structured operator."""
