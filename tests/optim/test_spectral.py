@@ -8,7 +8,9 @@ import torch
 from curvkit.optim.spectral import (
     SpectralShampoo,
     inverse_root,
+    kl_apply,
     kl_kronecker_step,
+    kl_targets,
     newton_schulz_polar,
     spectral_init,
     spectral_step,
@@ -266,3 +268,33 @@ def test_validation_messages():
         SpectralShampoo([W], kappa=0.0)
     with pytest.raises(TypeError, match="state_dtype"):
         SpectralShampoo([W], state_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("target", ["kl", "shampoo"])
+def test_update_frequency_averages_targets_between_factor_steps(target):
+    g = torch.Generator().manual_seed(11)
+    W = torch.nn.Parameter(torch.zeros(4, 3))
+    opt = SpectralShampoo([W], lr=0.0, target=target, update_frequency=3)
+    Gs = [torch.randn(4, 3, generator=g) for _ in range(3)]
+    W.grad = Gs[0].clone()
+    opt.step()
+    block = opt.state[W]["blocks"][0]
+    Ba, da, Bb, db = (block[k].clone() for k in ("B0", "d0", "B1", "d1"))
+    log_c = block["log_c"].clone() if target == "kl" else None
+    for G in Gs[1:]:
+        W.grad = G.clone()
+        opt.step()
+        if G is Gs[1]:
+            assert torch.equal(block["B0"], Ba) and torch.equal(block["d0"], da)
+    options = dict(beta=0.05, kappa=1e-3)
+    if target == "kl":
+        parts = [kl_targets(Ba, da, Bb, db, log_c, G) for G in Gs]
+        Ca, Cb, w = (sum(p[i] for p in parts) / 3 for i in range(3))
+        expected = kl_apply(Ba, da, Bb, db, log_c, Ca, Cb, w, **options)[:4]
+    else:
+        Ca = sum(Ba.T @ G @ G.T @ Ba for G in Gs) / 3
+        Cb = sum(Bb.T @ G.T @ G @ Bb for G in Gs) / 3
+        expected = (*spectral_step(Ba, da, Ca, **options), *spectral_step(Bb, db, Cb, **options))
+    got = tuple(block[k] for k in ("B0", "d0", "B1", "d1"))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)

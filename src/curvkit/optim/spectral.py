@@ -42,8 +42,8 @@ from curvkit.optim._basis import eigh_descending
 from curvkit.optim._common import check_choice, check_int, check_range
 from curvkit.optim._kronecker import KroneckerOptimizer, _Context
 
-__all__ = ["Retraction", "SpectralShampoo", "inverse_root", "kl_kronecker_step",
-           "newton_schulz_polar", "spectral_init", "spectral_step"]
+__all__ = ["Retraction", "SpectralShampoo", "inverse_root", "kl_apply", "kl_kronecker_step",
+           "kl_targets", "newton_schulz_polar", "spectral_init", "spectral_step"]
 
 Retraction = Literal["exp", "cayley", "taylor"]
 
@@ -143,6 +143,68 @@ def inverse_root(B: Tensor, d: Tensor, v: Tensor, *, p: float, eps: float = 0.0)
     return B @ (rotated * (scale if v.dim() == 1 else scale[:, None]))
 
 
+def kl_targets(Ba: Tensor, da: Tensor, Bb: Tensor, db: Tensor, log_c: Tensor, G: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """The KL-Shampoo statistics of ``G`` in the current bases.
+
+    Args:
+        Ba: Basis ``(d_a, d_a)``.
+        da: Eigenvalues ``(d_a,)``.
+        Bb: Basis ``(d_b, d_b)``.
+        db: Eigenvalues ``(d_b,)``.
+        log_c: Scalar tensor ``log c``.
+        G: Gradient ``(d_a, d_b)``.
+
+    Returns:
+        ``(C̃_a (d_a, d_a), C̃_b (d_b, d_b), w)`` with ``C̃_a = G̃ D_b⁻¹ G̃ᵀ / (c d_b)``,
+        ``C̃_b = G̃ᵀ D_a⁻¹ G̃ / (c d_a)`` (``G̃ = B_aᵀ G B_b``) and the scalar
+        ``w = ‖D_a^{-1/2} G̃ D_b^{-1/2}‖² / (c d_a d_b)``.
+    """
+    na, nb = G.shape
+    c = log_c.exp()
+    G_rot = Ba.T @ G @ Bb
+    scaled_b = G_rot / db  # G̃ D_b⁻¹
+    Ca = scaled_b @ G_rot.T / (c * nb)
+    Cb = G_rot.T @ (G_rot / da[:, None]) / (c * na)
+    whitened = (G_rot * scaled_b / da[:, None]).sum() / (c * na * nb)
+    return 0.5 * (Ca + Ca.T), 0.5 * (Cb + Cb.T), whitened
+
+
+def kl_apply(Ba: Tensor, da: Tensor, Bb: Tensor, db: Tensor, log_c: Tensor, Ca: Tensor,
+             Cb: Tensor, whitened: Tensor, *, beta: float, kappa: float,
+             max_log_step: float = 1.0, max_rotation: float = 0.1,
+             retraction: Retraction = "exp") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Step ``(B_a, d_a, B_b, d_b, log c)`` towards (averaged) :func:`kl_targets`.
+
+    ``log c ← log c + β (w - 1)``; each factor takes :func:`spectral_step` with its target and
+    ``m`` projected to zero mean (the determinant constraint).
+
+    Args:
+        Ba: Basis ``(d_a, d_a)``.
+        da: Eigenvalues ``(d_a,)``.
+        Bb: Basis ``(d_b, d_b)``.
+        db: Eigenvalues ``(d_b,)``.
+        log_c: Scalar tensor.
+        Ca: Target of factor ``a`` in its basis ``(d_a, d_a)``.
+        Cb: Target of factor ``b`` in its basis ``(d_b, d_b)``.
+        whitened: The scalar ``w`` of :func:`kl_targets`.
+        beta: Step size.
+        kappa: Rotation damping.
+        max_log_step: Clip of the log-eigenvalue (and ``log c``) steps.
+        max_rotation: Clip of ``|K_ij|``.
+        retraction: See :func:`spectral_step`.
+
+    Returns:
+        ``(Ba, da, Bb, db, log_c)`` updated.
+    """
+    step_c = (beta * (whitened - 1)).clamp(-max_log_step, max_log_step)
+    options = dict(beta=beta, kappa=kappa, max_log_step=max_log_step, max_rotation=max_rotation,
+                   retraction=retraction, zero_mean_log=True)
+    Ba, da = spectral_step(Ba, da, Ca, **options)
+    Bb, db = spectral_step(Bb, db, Cb, **options)
+    return Ba, da, Bb, db, log_c + step_c
+
+
 def kl_kronecker_step(Ba: Tensor, da: Tensor, Bb: Tensor, db: Tensor, log_c: Tensor, G: Tensor,
                       *, beta: float, kappa: float, max_log_step: float = 1.0,
                       max_rotation: float = 0.1, retraction: Retraction = "exp"
@@ -151,8 +213,8 @@ def kl_kronecker_step(Ba: Tensor, da: Tensor, Bb: Tensor, db: Tensor, log_c: Ten
 
     Minimises ``½[d_b log det S_a + d_a log det S_b + d_a d_b log c + tr(S_a⁻¹ G S_b⁻¹ Gᵀ)/c]``
     under ``Σ log d_a = Σ log d_b = 0`` with a block-diagonal metric over ``(a, b, c)``: the
-    targets ``C̃_a = G̃ D_b⁻¹ G̃ᵀ / (c d_b)`` and ``C̃_b = G̃ᵀ D_a⁻¹ G̃ / (c d_a)`` (``G̃ = B_aᵀ G B_b``)
-    are formed from the current factors and both factors step at once.
+    targets (:func:`kl_targets`) come from the current factors and both factors step at once
+    (:func:`kl_apply`).
 
     Args:
         Ba: Basis ``(d_a, d_a)``.
@@ -170,20 +232,9 @@ def kl_kronecker_step(Ba: Tensor, da: Tensor, Bb: Tensor, db: Tensor, log_c: Ten
     Returns:
         ``(Ba, da, Bb, db, log_c)`` updated.
     """
-    na, nb = G.shape
-    c = log_c.exp()
-    G_rot = Ba.T @ G @ Bb
-    scaled_b = G_rot / db  # G̃ D_b⁻¹
-    scaled_a = G_rot / da[:, None]  # D_a⁻¹ G̃
-    Ca = scaled_b @ G_rot.T / (c * nb)
-    Cb = G_rot.T @ scaled_a / (c * na)
-    whitened = (G_rot * scaled_b / da[:, None]).sum()  # ‖D_a^{-1/2} G̃ D_b^{-1/2}‖²
-    step_c = (beta * (whitened / (c * na * nb) - 1)).clamp(-max_log_step, max_log_step)
-    options = dict(beta=beta, kappa=kappa, max_log_step=max_log_step, max_rotation=max_rotation,
-                   retraction=retraction, zero_mean_log=True)
-    Ba, da = spectral_step(Ba, da, 0.5 * (Ca + Ca.T), **options)
-    Bb, db = spectral_step(Bb, db, 0.5 * (Cb + Cb.T), **options)
-    return Ba, da, Bb, db, log_c + step_c
+    Ca, Cb, w = kl_targets(Ba, da, Bb, db, log_c, G)
+    return kl_apply(Ba, da, Bb, db, log_c, Ca, Cb, w, beta=beta, kappa=kappa,
+                    max_log_step=max_log_step, max_rotation=max_rotation, retraction=retraction)
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -224,7 +275,10 @@ class SpectralShampoo(KroneckerOptimizer):
         max_log_step: Clip of the log-eigenvalue steps.
         max_rotation: Clip of the rotation entries.
         init_eps: Relative eigenvalue floor at the ``eigh`` initialisation.
-        orthogonalize_frequency: Steps between polar corrections of float32/float64 bases.
+        update_frequency: Steps over which the statistics are averaged between two factor
+            updates (each update is one Riemannian step; 1 updates every step).
+        orthogonalize_frequency: Factor updates between polar corrections of float32/float64
+            bases.
         weight_decay: Decoupled weight decay ``λ``.
         max_preconditioner_dim: Largest factor; larger axes are split into blocks.
         state_dtype: Storage dtype of ``B`` and the moments (e.g. ``torch.bfloat16``).
@@ -245,7 +299,8 @@ class SpectralShampoo(KroneckerOptimizer):
                  kappa: float = 1e-3, eps: float = 1e-8, root: float | None = None,
                  target: Literal["kl", "shampoo"] = "kl", retraction: Retraction = "exp",
                  max_log_step: float = 1.0, max_rotation: float = 0.1, init_eps: float = 1e-6,
-                 orthogonalize_frequency: int = 20, weight_decay: float = 0.0,
+                 update_frequency: int = 1, orthogonalize_frequency: int = 20,
+                 weight_decay: float = 0.0,
                  max_preconditioner_dim: int = 4096, state_dtype: torch.dtype | None = None,
                  nonfinite: Literal["raise", "skip"] = "raise", seed: int = 0):
         defaults = self._common_defaults(
@@ -264,10 +319,12 @@ class SpectralShampoo(KroneckerOptimizer):
         check_range(name, "max_log_step", max_log_step, 0.0, low_open=True)
         check_range(name, "max_rotation", max_rotation, 0.0, low_open=True)
         check_range(name, "init_eps", init_eps, 0.0, low_open=True)
+        check_int(name, "update_frequency", update_frequency, 1)
         check_int(name, "orthogonalize_frequency", orthogonalize_frequency, 1)
         defaults.update(beta=beta, kappa=kappa, root=root, target=target,
                         retraction=retraction, max_log_step=max_log_step,
                         max_rotation=max_rotation, init_eps=init_eps,
+                        update_frequency=update_frequency,
                         orthogonalize_frequency=orthogonalize_frequency)
         super().__init__(params, defaults)
 
@@ -353,22 +410,42 @@ class SpectralShampoo(KroneckerOptimizer):
             self._initialise(G, block, ctx, kl)
         B = {k: self._basis(block, k, ctx) for k in ctx.axes}
         d = {k: self._exact(block, f"d{k}", ctx) for k in ctx.axes}
+        # Targets in the current bases, averaged over `update_frequency` steps (the bases do
+        # not move in between, so the average is exact) before one Riemannian step.
         if kl:
             log_c = self._exact(block, "log_c", ctx)
-            B[0], d[0], B[1], d[1], log_c = kl_kronecker_step(
-                B[0], d[0], B[1], d[1], log_c, G, **options)
-            block["log_c"] = log_c.to(block["log_c"].dtype)
+            Ca, Cb, w = kl_targets(B[0], d[0], B[1], d[1], log_c, G)
+            targets = {0: Ca, 1: Cb, "w": w}
         else:
             stats = self._statistics(G, ctx)
-            for k in ctx.axes:
-                C_rot = B[k].T @ stats[k] @ B[k]
-                B[k], d[k] = spectral_step(B[k], d[k], 0.5 * (C_rot + C_rot.T), **options)
+            targets = {k: B[k].T @ stats[k] @ B[k] for k in ctx.axes}
+        freq = group["update_frequency"]
         step = ctx.step + 1
-        for k in ctx.axes:
-            if ctx.sd != torch.bfloat16 and step % group["orthogonalize_frequency"] == 0:
-                B[k] = newton_schulz_polar(B[k])
-            block[f"B{k}"] = B[k].to(ctx.sd)
-            block[f"d{k}"] = d[k].to(block[f"d{k}"].dtype)
+        if freq > 1:
+            for key, value in targets.items():
+                name = f"acc_{key}"
+                previous = self._exact(block, name, ctx) if name in block else 0.0
+                targets[key] = previous + value / freq
+                block[name] = targets[key].to(torch.float64 if ctx.wd == torch.float64
+                                              else torch.float32)
+        if step % freq == 0:
+            for key in list(targets):
+                block.pop(f"acc_{key}", None)
+            if kl:
+                B[0], d[0], B[1], d[1], log_c = kl_apply(
+                    B[0], d[0], B[1], d[1], log_c, targets[0], targets[1], targets["w"],
+                    **options)
+                block["log_c"] = log_c.to(block["log_c"].dtype)
+            else:
+                for k in ctx.axes:
+                    C_rot = targets[k]
+                    B[k], d[k] = spectral_step(B[k], d[k], 0.5 * (C_rot + C_rot.T), **options)
+            for k in ctx.axes:
+                if ctx.sd != torch.bfloat16 and \
+                        (step // freq) % group["orthogonalize_frequency"] == 0:
+                    B[k] = newton_schulz_polar(B[k])
+                block[f"B{k}"] = B[k].to(ctx.sd)
+                block[f"d{k}"] = d[k].to(block[f"d{k}"].dtype)
         beta1 = group["betas"][0]
         M = ctx.load(block, "exp_avg").lerp(G, 1 - beta1)
         ctx.save(block, "exp_avg", M)
