@@ -254,6 +254,9 @@ class DataEngine:
             return X.shape[0]
         if isinstance(y, Tensor):
             return y.shape[0]
+        leaves = [t for t in tree_leaves(X) if isinstance(t, Tensor) and t.ndim > 0]
+        if leaves:  # a mapping input without targets: its first tensor's leading dimension
+            return leaves[0].shape[0]
         raise ValueError(f"{self.caller}: cannot infer the batch size of a {type(X).__name__} "
                          "input; pass batch_size_fn=...")
 
@@ -422,7 +425,8 @@ class DataEngine:
                 out = self.forward(batch.X)
                 rows.append(torch.stack([
                     torch.as_tensor(x_sum, dtype=torch.float64).cpu(),
-                    batch.y.double().sum().cpu(),
+                    torch.zeros((), dtype=torch.float64) if batch.y is None
+                    else batch.y.double().sum().cpu(),
                     out.double().sum().cpu(),
                     torch.tensor(batch.count, dtype=torch.float64),
                 ]))
