@@ -1,4 +1,4 @@
-"""KFAC inverse, trace, logdet, Frobenius norm, eigh and state_dict against torch.kron references."""
+"""KFAC inverse, trace, logdet, Frobenius norm, eigh, state_dict against torch.kron."""
 
 import warnings
 
