@@ -47,7 +47,7 @@ def _lanczos_batch(A: LinearOperator, V0: Tensor, num_steps: int, reorthogonaliz
                    keep_basis: bool):
     """Run ``b`` independent Lanczos processes in parallel (one ``A @`` block per step).
 
-    Returns ``(alpha (b, s), beta (b, s - 1), basis (s, n, b) or None, steps)``. A column whose
+    Returns ``(alpha (b, s), beta (b, s - 1), basis (b, s, n) or None, steps)``. A column whose
     Krylov space is exhausted (``beta`` at rounding level) continues with zero vectors, so its
     tridiagonal matrix decouples into the exact part and a zero block that carries no weight in
     the quadrature; ``steps`` is the depth reached before the first column broke down.
@@ -57,7 +57,11 @@ def _lanczos_batch(A: LinearOperator, V0: Tensor, num_steps: int, reorthogonaliz
     V = V0 / V0.norm(dim=0)
     V_prev = torch.zeros_like(V)
     beta_prev = torch.zeros(b, dtype=V.dtype, device=V.device)
-    basis = [V]
+    store = keep_basis or reorthogonalize
+    # Preallocated basis (b, steps, n): re-orthogonalisation reads a prefix, never copies it,
+    # and runs as batched matrix products (one per probe).
+    basis = torch.empty(b, num_steps if store else 1, n, dtype=V.dtype, device=V.device)
+    basis[:, 0] = V.T
     alphas, betas = [], []
     norm_est = torch.zeros_like(beta_prev)
     steps = num_steps
@@ -66,9 +70,10 @@ def _lanczos_batch(A: LinearOperator, V0: Tensor, num_steps: int, reorthogonaliz
         a = (V * W).sum(0)
         W = W - a * V - beta_prev * V_prev
         if reorthogonalize:  # full re-orthogonalisation, twice ("twice is enough")
-            Qs = torch.stack(basis)  # (j + 1, n, b)
+            Qs = basis[:, : j + 1]  # (b, j + 1, n)
             for _ in range(2):
-                W = W - torch.einsum("jnb,jb->nb", Qs, torch.einsum("jnb,nb->jb", Qs, W))
+                coef = torch.bmm(Qs, W.T.unsqueeze(2))  # (b, j + 1, 1)
+                W = W - torch.bmm(Qs.transpose(1, 2), coef).squeeze(2).T
         alphas.append(a)
         if j == num_steps - 1:
             break
@@ -81,11 +86,11 @@ def _lanczos_batch(A: LinearOperator, V0: Tensor, num_steps: int, reorthogonaliz
         V_prev, V = V, torch.where(broken, 0.0, W / torch.where(broken, 1.0, bnext))
         beta_prev = bnext
         betas.append(bnext)
-        if keep_basis or reorthogonalize:
-            basis.append(V)
+        if store:
+            basis[:, j + 1] = V.T
     alpha = torch.stack(alphas, 1)
     beta = torch.stack(betas, 1) if betas else alpha.new_zeros(b, 0)
-    return alpha, beta, (torch.stack(basis) if keep_basis else None), steps
+    return alpha, beta, (basis if keep_basis else None), steps
 
 
 def lanczos(A: LinearOperator, v0: Tensor, num_matvecs: int, *, reorthogonalize: bool = True
@@ -121,7 +126,7 @@ def lanczos(A: LinearOperator, v0: Tensor, num_matvecs: int, *, reorthogonalize:
     if not bool(v0.norm() > 0):
         raise ValueError("lanczos: v0 is zero.")
     alpha, beta, basis, steps = _lanczos_batch(A, v0.unsqueeze(1), k, reorthogonalize, True)
-    return LanczosResult(Q=basis[:steps, :, 0].T, alpha=alpha[0, :steps], beta=beta[0, :steps - 1])
+    return LanczosResult(Q=basis[0, :steps].T, alpha=alpha[0, :steps], beta=beta[0, :steps - 1])
 
 
 # --------------------------------------------------------------------------- eigsh
