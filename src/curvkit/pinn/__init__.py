@@ -1,5 +1,6 @@
 """Physics-informed networks trained by energy natural gradients (ENGD, ENGD-Woodbury, SPRING)."""
 
+from curvkit.pinn.engd import ENGD, HessianFree, line_search
 from curvkit.pinn.jacobian import DenseResidualJacobian, ResidualJacobian, linearize
 from curvkit.pinn.problems import (
     Batch,
@@ -12,6 +13,8 @@ from curvkit.pinn.problems import (
     poisson,
 )
 from curvkit.pinn.residuals import Sin, derivatives, loss, residuals
+from curvkit.pinn.solves import kernel_solve
+from curvkit.pinn.woodbury import SPRING, ENGDWoodbury
 
 __all__ = [
     "Batch",
@@ -29,4 +32,10 @@ __all__ = [
     "linearize",
     "ResidualJacobian",
     "DenseResidualJacobian",
+    "ENGD",
+    "ENGDWoodbury",
+    "SPRING",
+    "HessianFree",
+    "line_search",
+    "kernel_solve",
 ]
