@@ -147,10 +147,14 @@ def main():
     parser.add_argument("--bf16-state", action="store_true", help="bfloat16 optimizer state")
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--out", default=str(RESULTS / "spectral_optim.json"),
+                        help="where to write the JSON")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.dim, args.layers, args.seq, args.batch = 10, 32, 1, 32, 8
         args.eval_batches = 2
+    device = torch.device(args.device)
     data = corpus()
     split = int(0.9 * len(data))
     train, valid = data[:split], data[split:]
@@ -162,6 +166,7 @@ def main():
     for n in names:
         models[n] = ByteLM(dim=args.dim, heads=args.heads, layers=args.layers, seq=args.seq)
         models[n].load_state_dict(base.state_dict())
+        models[n].to(device)
     opts = make_optimizers(models, args)
     history = {n: dict(step=[], loss=[], wall=[]) for n in names}
     step_times = {n: [] for n in names}
@@ -169,12 +174,15 @@ def main():
     gen = torch.Generator().manual_seed(args.seed + 1)
     for t, (x, y) in enumerate(batches(train, steps=args.steps, batch=args.batch, seq=args.seq,
                                        generator=gen)):
+        x, y = x.to(device), y.to(device)
         for n in names:  # round-robin: the machine's load falls on every optimizer alike
             start = time.perf_counter()
             opts[n].zero_grad()
             loss = loss_of(models[n], x, y)
             loss.backward()
             opts[n].step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
             step_times[n].append(elapsed)
             wall[n] += elapsed
@@ -191,7 +199,8 @@ def main():
     adam_time = statistics.median(step_times["AdamW"])
     for n in names:
         with torch.no_grad():
-            val = statistics.fmean(float(loss_of(models[n], x, y)) for x, y in eval_batches)
+            val = statistics.fmean(float(loss_of(models[n], x.to(device), y.to(device)))
+                                   for x, y in eval_batches)
         tail = history[n]["loss"][-max(1, args.steps // 10):]
         median_step = statistics.median(step_times[n])
         rows.append(dict(optimizer=n, final_train_loss=statistics.fmean(tail),
@@ -207,12 +216,15 @@ def main():
               f"{r['step_time_ratio_vs_adamw']:>7.2f}")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
-    RESULTS.mkdir(exist_ok=True)
-    out = dict(device=f"cpu ({platform.processor() or platform.machine()}, "
-                      f"{torch.get_num_threads()} threads)",
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+             f"cpu ({platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} threads)")
+    out = dict(device=where,
                torch=torch.__version__, commit=commit, args=vars(args),
                corpus_bytes=len(data), rows=rows, history=history)
-    (RESULTS / "spectral_optim.json").write_text(json.dumps(out, indent=1))
+    out_path.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
