@@ -156,6 +156,12 @@ class _CrossEntropy(OutputLoss):
 
     def count(self, y, batch_size):
         if y.is_floating_point():  # probability targets: PyTorch divides by N·d1·…
+            if y.ndim < 2:
+                raise ValueError(
+                    f"{self.caller}: CrossEntropyLoss targets must be integer class indices or "
+                    f"probabilities of shape (N, C, ...); got {y.dtype} targets of shape "
+                    f"{tuple(y.shape)}."
+                )
             return torch.tensor(float(y.numel() // y.shape[1]))
         return self._term_weights(y, torch.float64).sum()
 
