@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cases import INPUT_SHAPES, MODELS, make_data
 from torch import nn
 
-from cases import INPUT_SHAPES, MODELS, make_data
 from curvkit.curvature import GGN, EmpiricalFisher, Hessian, Jacobian
 
 

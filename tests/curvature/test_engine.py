@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from cases import INPUT_SHAPES, MODELS, dense_ggn, make_data
 from torch import nn
 
-from cases import INPUT_SHAPES, MODELS, dense_ggn, make_data
 from curvkit.curvature import GGN, DataEngine, EmpiricalFisher, FisherMC, Hessian
 from curvkit.curvature.engine import resolve_params
 from curvkit.curvature.losses import output_loss
