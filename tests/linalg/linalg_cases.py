@@ -67,8 +67,13 @@ class CountingOperator(LinearOperator):
     """Wraps an operator and counts columns and calls of ``_matmat``/``_rmatmat``."""
 
     def __init__(self, op: LinearOperator):
-        super().__init__(op.shape, dtype=op.dtype, device=op.device, in_shapes=op.in_shapes,
-                         out_shapes=op.out_shapes)
+        super().__init__(
+            op.shape,
+            dtype=op.dtype,
+            device=op.device,
+            in_shapes=op.in_shapes,
+            out_shapes=op.out_shapes,
+        )
         self.op = op
         self.is_symmetric, self.is_psd = op.is_symmetric, op.is_psd
         self.columns = 0

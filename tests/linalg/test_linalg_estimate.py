@@ -43,7 +43,8 @@ def test_sketching_estimators_are_exact_below_their_sketch_size(symmetric):
             trace(op, method="xtrace", num_matvecs=16, distribution=dist, generator=g), M.trace()
         )
         torch.testing.assert_close(
-            diagonal(op, method="xdiag", num_matvecs=16, distribution=dist, generator=g), M.diagonal()
+            diagonal(op, method="xdiag", num_matvecs=16, distribution=dist, generator=g),
+            M.diagonal(),
         )
 
 
@@ -68,7 +69,9 @@ def test_diagonal_estimators_are_unbiased(method):
     M = randn(15, 15, g=g)
     op = MatmatOnly(M)
     runs = 400
-    est = torch.stack([diagonal(op, method=method, num_matvecs=10, generator=g) for _ in range(runs)])
+    est = torch.stack(
+        [diagonal(op, method=method, num_matvecs=10, generator=g) for _ in range(runs)]
+    )
     z = (est.mean(0) - M.diagonal()) / (est.std(0) / math.sqrt(runs))
     assert z.abs().max() < 4.5  # 15 entries, each within 4.5 standard errors
 
@@ -77,7 +80,9 @@ def test_squared_frobenius_estimate_is_unbiased():
     g = gen(4)
     M = randn(7, 11, g=g)  # rectangular
     runs = 400
-    est = torch.stack([frobenius_norm(Dense(M), num_matvecs=3, generator=g) ** 2 for _ in range(runs)])
+    est = torch.stack(
+        [frobenius_norm(Dense(M), num_matvecs=3, generator=g) ** 2 for _ in range(runs)]
+    )
     assert (est.mean() - (M**2).sum()).abs() < 4 * est.std() / math.sqrt(runs)
 
 
@@ -127,14 +132,17 @@ def test_xdiag_beats_hutchinson_on_low_rank_plus_noise():
     errs = {}
     for method in ("hutchinson", "xdiag"):
         gg = gen(14)
-        est = torch.stack([diagonal(op, method=method, num_matvecs=40, generator=gg) for _ in range(20)])
+        est = torch.stack(
+            [diagonal(op, method=method, num_matvecs=40, generator=gg) for _ in range(20)]
+        )
         errs[method] = (est - M.diagonal()).norm(dim=1).mean().item()
     assert errs["xdiag"] < errs["hutchinson"] / 10
 
 
 # --------------------------------------------------------------------------- budgets, seeds
-@pytest.mark.parametrize(("method", "calls", "columns"),
-                         [("hutchinson", 1, 12), ("hutch++", 3, 12), ("xtrace", 2, 12)])
+@pytest.mark.parametrize(
+    ("method", "calls", "columns"), [("hutchinson", 1, 12), ("hutch++", 3, 12), ("xtrace", 2, 12)]
+)
 def test_trace_spends_its_budget_in_batched_products(method, calls, columns):
     op = CountingOperator(Dense(decaying(30, gen(15)), psd=True))
     trace(op, method=method, num_matvecs=12, generator=gen(0))
@@ -163,9 +171,13 @@ def test_estimator_errors():
     op = Dense(torch.eye(4, dtype=F64), psd=True)
     with pytest.raises(ValueError, match=r"trace: needs a square operator; got shape \(3, 4\)"):
         trace(Dense(torch.ones(3, 4, dtype=F64)), num_matvecs=3)
-    with pytest.raises(ValueError, match=r"unknown trace method 'xdiag'; expected one of \['hutch\+\+', "):
+    with pytest.raises(
+        ValueError, match=r"unknown trace method 'xdiag'; expected one of \['hutch\+\+', "
+    ):
         trace(op, method="xdiag", num_matvecs=3)
-    with pytest.raises(ValueError, match=r"trace \(method='xtrace'\): num_matvecs must be an integer >= 4; got 3"):
+    with pytest.raises(
+        ValueError, match=r"trace \(method='xtrace'\): num_matvecs must be an integer >= 4; got 3"
+    ):
         trace(op, method="xtrace", num_matvecs=3)
     with pytest.raises(ValueError, match="num_matvecs must be an integer >= 3; got 2"):
         trace(op, method="hutch++", num_matvecs=2)

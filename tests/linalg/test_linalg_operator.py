@@ -62,7 +62,9 @@ def test_algebra_exact_methods_combine():
     evals, _ = scaled.eigh()
     torch.testing.assert_close(evals, torch.linalg.eigvalsh(3 * A))
     inv = scaled.inverse(damping=0.5)
-    torch.testing.assert_close(inv.to_dense(), torch.linalg.inv(3 * A + 0.5 * torch.eye(3, dtype=F64)))
+    torch.testing.assert_close(
+        inv.to_dense(), torch.linalg.inv(3 * A + 0.5 * torch.eye(3, dtype=F64))
+    )
     adj = Dense(randn(3, 3, g=g) + 3 * torch.eye(3, dtype=F64))
     torch.testing.assert_close(adj.T.trace(), adj.M.trace())
     torch.testing.assert_close(adj.T.diagonal(), adj.M.diagonal())
@@ -87,8 +89,13 @@ op_kind = st.integers(0, 3)
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 6), ka=op_kind, kb=op_kind,
-       c=st.floats(-3, 3, allow_nan=False))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 6),
+    ka=op_kind,
+    kb=op_kind,
+    c=st.floats(-3, 3, allow_nan=False),
+)
 def test_algebra_properties(seed, n, ka, kb, c):
     g = gen(seed)
     (A, Ad), (B, Bd) = _random_operator(ka, n, g), _random_operator(kb, n, g)
@@ -102,8 +109,12 @@ def test_algebra_properties(seed, n, ka, kb, c):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), p=st.integers(1, 4), q=st.integers(1, 4),
-       damping=st.floats(0.0, 5.0, allow_nan=False))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    p=st.integers(1, 4),
+    q=st.integers(1, 4),
+    damping=st.floats(0.0, 5.0, allow_nan=False),
+)
 def test_kronecker_inverse_property(seed, p, q, damping):
     g = gen(seed)
     A, B = random_spd(p, g), random_spd(q, g)
@@ -198,7 +209,9 @@ def test_to_dense_of_generic_operator_uses_one_product():
 def test_operand_errors_name_expected_and_received():
     g = gen(10)
     op = Dense(randn(4, 3, g=g))
-    with pytest.raises(ValueError, match=r"Dense: expected an operand of shape \(3,\) or \(3, k\); got \(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"Dense: expected an operand of shape \(3,\) or \(3, k\); got \(4,\)"
+    ):
         op @ randn(4, g=g)
     with pytest.raises(ValueError, match=r"got \(3, 2, 2\)"):
         op @ randn(3, 2, 2, g=g)

@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from linalg_cases import F64, CountingOperator, MatmatOnly, gen, randn, random_orthonormal, random_spd
+from linalg_cases import (
+    F64,
+    CountingOperator,
+    MatmatOnly,
+    gen,
+    randn,
+    random_orthonormal,
+    random_spd,
+)
 
 from curvkit.linalg import (
     ConvergenceError,
@@ -40,7 +48,9 @@ def test_cg_matches_dense_solve_in_every_form():
     b, B = randn(12, g=g), randn(12, 4, g=g)
     torch.testing.assert_close(cg(op, b, rtol=1e-12), torch.linalg.solve(A, b))
     torch.testing.assert_close(cg(op, B, rtol=1e-12), torch.linalg.solve(A, B))
-    torch.testing.assert_close(cg(op, B, damping=0.7, rtol=1e-12), torch.linalg.solve(A + 0.7 * eye(12), B))
+    torch.testing.assert_close(
+        cg(op, B, damping=0.7, rtol=1e-12), torch.linalg.solve(A + 0.7 * eye(12), B)
+    )
     x0 = torch.linalg.solve(A, b) + 1e-3 * randn(12, g=g)
     info = cg(op, b, x0=x0, rtol=1e-12, return_info=True)
     torch.testing.assert_close(info.x, torch.linalg.solve(A, b))
@@ -88,7 +98,9 @@ def test_cg_failure_modes():
     g = gen(3)
     A = random_spd(20, g, shift=1e-3)
     b = randn(20, g=g)
-    with pytest.raises(ConvergenceError, match=r"cg: did not converge in 2 iterations: residual norm"):
+    with pytest.raises(
+        ConvergenceError, match=r"cg: did not converge in 2 iterations: residual norm"
+    ):
         cg(Dense(A, psd=True), b, max_iter=2)
     with pytest.warns(ConvergenceWarning, match="did not converge"):
         info = cg(Dense(A, psd=True), b, max_iter=2, on_failure="warn", return_info=True)
@@ -98,9 +110,13 @@ def test_cg_failure_modes():
         cg(indefinite, torch.ones(3, dtype=F64))
     with pytest.raises(ValueError, match="cg: needs an operator declared symmetric"):
         cg(Dense(randn(3, 3, g=g)), torch.ones(3, dtype=F64))
-    with pytest.raises(ValueError, match=r"cg: right-hand side: .*expected an operand of shape \(20,\)"):
+    with pytest.raises(
+        ValueError, match=r"cg: right-hand side: .*expected an operand of shape \(20,\)"
+    ):
         cg(Dense(A, psd=True), torch.ones(19, dtype=F64))
-    with pytest.raises(TypeError, match="cg: right-hand side: .*expected operand dtype torch.float64"):
+    with pytest.raises(
+        TypeError, match="cg: right-hand side: .*expected operand dtype torch.float64"
+    ):
         cg(Dense(A, psd=True), torch.ones(20, dtype=torch.float32))
     with pytest.raises(ValueError, match="cg: needs a square operator"):
         cg(Dense(randn(3, 4, g=g)), torch.ones(3, dtype=F64))
@@ -133,7 +149,9 @@ def test_minres_solves_indefinite_systems():
     info = minres(op, B, rtol=1e-11, return_info=True)
     torch.testing.assert_close(info.x, torch.linalg.solve(A, B))
     assert op.calls == info.iterations
-    torch.testing.assert_close(info.residual_norm, (B - A @ info.x).norm(dim=0), rtol=1e-3, atol=1e-10)
+    torch.testing.assert_close(
+        info.residual_norm, (B - A @ info.x).norm(dim=0), rtol=1e-3, atol=1e-10
+    )
     x = minres(Dense(A, symmetric=True), B[:, 0], damping=0.25, rtol=1e-11)
     torch.testing.assert_close(x, torch.linalg.solve(A + 0.25 * eye(25), B[:, 0]))
     with pytest.raises(ConvergenceError, match="minres: did not converge in 3 iterations"):
@@ -200,14 +218,25 @@ def test_neumann_converges_to_the_damped_solve():
     lam_max = torch.linalg.eigvalsh(A).max().item()
     B = randn(10, 2, g=g)
     ref = torch.linalg.solve(A + 0.5 * eye(10), B)
-    info = neumann(Dense(A, psd=True), B, damping=0.5, alpha=1.0 / (lam_max + 0.5), num_terms=400,
-                   return_info=True)
+    info = neumann(
+        Dense(A, psd=True),
+        B,
+        damping=0.5,
+        alpha=1.0 / (lam_max + 0.5),
+        num_terms=400,
+        return_info=True,
+    )
     torch.testing.assert_close(info.x, ref)
     # The reported residual is the exact residual of the returned x.
     torch.testing.assert_close(info.residual_norm, (B - (A + 0.5 * eye(10)) @ info.x).norm(dim=0))
     # Truncation error shrinks geometrically with the number of terms.
-    errs = [(neumann(Dense(A, psd=True), B, damping=0.5, alpha=1.0 / (lam_max + 0.5), num_terms=k)
-             - ref).norm() for k in (5, 20, 80)]
+    errs = [
+        (
+            neumann(Dense(A, psd=True), B, damping=0.5, alpha=1.0 / (lam_max + 0.5), num_terms=k)
+            - ref
+        ).norm()
+        for k in (5, 20, 80)
+    ]
     assert errs[0] > errs[1] > errs[2]
 
 
@@ -216,8 +245,9 @@ def test_neumann_tolerance_and_divergence():
     A = random_spd(8, g)
     lam_max = torch.linalg.eigvalsh(A).max().item()
     b = randn(8, g=g)
-    info = neumann(Dense(A, psd=True), b, alpha=1 / lam_max, num_terms=10_000, rtol=1e-8,
-                   return_info=True)
+    info = neumann(
+        Dense(A, psd=True), b, alpha=1 / lam_max, num_terms=10_000, rtol=1e-8, return_info=True
+    )
     assert info.converged and info.iterations < 10_000
     assert info.residual_norm <= 1e-8 * b.norm()
     with pytest.raises(ConvergenceError, match="neumann: did not converge in 3 iterations"):
@@ -254,8 +284,10 @@ def test_nystrom_inverse_converges_to_exact_solve_as_sketch_grows():
     op, M = decaying_psd(50, g, rate=1.5)
     b = randn(50, g=g)
     exact = torch.linalg.solve(M + 1e-2 * eye(50), b)
-    errs = [(nystrom(op, r, generator=gen(3)).inverse(1e-2) @ b - exact).norm() / exact.norm()
-            for r in (5, 20, 50)]
+    errs = [
+        (nystrom(op, r, generator=gen(3)).inverse(1e-2) @ b - exact).norm() / exact.norm()
+        for r in (5, 20, 50)
+    ]
     assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-8
 
 
@@ -282,9 +314,12 @@ def test_nystrom_pcg_converges_faster_than_cg():
     damping = 1e-6
     ref = torch.linalg.solve(M + damping * eye(200), B)
     plain = cg(op, B, damping=damping, rtol=1e-8, return_info=True)
-    pre = nystrom_pcg(op, B, rank=40, damping=damping, rtol=1e-8, generator=gen(4), return_info=True)
+    pre = nystrom_pcg(
+        op, B, rank=40, damping=damping, rtol=1e-8, generator=gen(4), return_info=True
+    )
     torch.testing.assert_close(pre.x, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
     assert pre.iterations < plain.iterations / 2.5
     with pytest.raises(ValueError, match="smallest Nyström eigenvalue plus damping"):
-        nystrom_pcg(decaying_psd(10, g, rank=2)[0], torch.ones(10, dtype=F64), rank=4,
-                    generator=gen(0))
+        nystrom_pcg(
+            decaying_psd(10, g, rank=2)[0], torch.ones(10, dtype=F64), rank=4, generator=gen(0)
+        )

@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from linalg_cases import F64, CountingOperator, MatmatOnly, gen, randn, random_orthonormal, random_spd
+from linalg_cases import (
+    F64,
+    CountingOperator,
+    MatmatOnly,
+    gen,
+    randn,
+    random_orthonormal,
+    random_spd,
+)
 
 from curvkit.linalg import (
     ConvergenceError,
@@ -156,20 +164,26 @@ def bin_masses(grid, density, edges):
     masses = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         inside = (grid >= lo) & (grid < hi)
-        masses.append(torch.trapezoid(density[inside], grid[inside]).item() if inside.sum() > 1 else 0.0)
+        masses.append(
+            torch.trapezoid(density[inside], grid[inside]).item() if inside.sum() > 1 else 0.0
+        )
     return torch.tensor(masses, dtype=F64)
 
 
 def test_spectral_density_matches_eigenvalue_histogram():
     g = gen(10)
-    lam = torch.cat([torch.randn(380, generator=g, dtype=F64) * 0.3, 4 + torch.rand(20, generator=g, dtype=F64)])
+    lam = torch.cat(
+        [torch.randn(380, generator=g, dtype=F64) * 0.3, 4 + torch.rand(20, generator=g, dtype=F64)]
+    )
     M = sym_with_spectrum(lam, g)
     op = CountingOperator(Dense(M, symmetric=True))
-    grid, density = spectral_density(op, num_probes=20, num_matvecs=60, num_points=4000,
-                                     kernel_width=0.005, generator=gen(1))
+    grid, density = spectral_density(
+        op, num_probes=20, num_matvecs=60, num_points=4000, kernel_width=0.005, generator=gen(1)
+    )
     assert op.calls == 60  # one batched product per Lanczos step, for all probes at once
-    torch.testing.assert_close(torch.trapezoid(density, grid), torch.tensor(1.0, dtype=F64),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        torch.trapezoid(density, grid), torch.tensor(1.0, dtype=F64), atol=1e-6, rtol=0
+    )
     assert (density >= 0).all()
     edges = torch.tensor([-3.0, -0.6, -0.2, 0.2, 0.6, 3.0, 6.0], dtype=F64)
     est = bin_masses(grid, density, edges)
@@ -182,11 +196,20 @@ def test_log_spectral_density_integrates_over_log_eigenvalues():
     g = gen(11)
     lam = torch.logspace(-6, 2, 300, dtype=F64)  # eight orders of magnitude
     M = sym_with_spectrum(lam, g)
-    grid, density = spectral_density(Dense(M, psd=True), num_probes=16, num_matvecs=80, scale="log",
-                                     kernel_width=0.01, epsilon=1e-9, generator=gen(2))
+    grid, density = spectral_density(
+        Dense(M, psd=True),
+        num_probes=16,
+        num_matvecs=80,
+        scale="log",
+        kernel_width=0.01,
+        epsilon=1e-9,
+        generator=gen(2),
+    )
     assert (grid[1:] > grid[:-1]).all() and grid.min() > -1e-9
     u = torch.log10(grid + 1e-9)
-    torch.testing.assert_close(torch.trapezoid(density, u), torch.tensor(1.0, dtype=F64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        torch.trapezoid(density, u), torch.tensor(1.0, dtype=F64), atol=1e-6, rtol=0
+    )
     # Eigenvalues are uniform in log10 between -6 and 2: each decade holds 1/8 of the mass.
     # 80 Lanczos nodes resolve the top decades; below 1e-2 · λ_max they lump the mass together
     # (a limit of the quadrature, not of the log scale), so the bottom half is checked as one.
@@ -195,8 +218,15 @@ def test_log_spectral_density_integrates_over_log_eigenvalues():
     assert abs(decades[:4].sum() - 1 / 2) < 0.03
     # At full depth the quadrature is exact per probe, and every decade is resolved.
     M = sym_with_spectrum(torch.logspace(-6, 2, 160, dtype=F64), g)
-    grid, density = spectral_density(Dense(M, psd=True), num_probes=16, num_matvecs=160, scale="log",
-                                     kernel_width=0.01, epsilon=1e-9, generator=gen(3))
+    grid, density = spectral_density(
+        Dense(M, psd=True),
+        num_probes=16,
+        num_matvecs=160,
+        scale="log",
+        kernel_width=0.01,
+        epsilon=1e-9,
+        generator=gen(3),
+    )
     decades = bin_masses(torch.log10(grid + 1e-9), density, torch.arange(-6.0, 3.0, dtype=F64))
     assert (decades - 1 / 8).abs().max() < 0.03
 
@@ -216,4 +246,6 @@ def test_spectral_density_errors_and_reproducibility():
     assert torch.equal(a[1], b[1])
     # Depth beyond n is capped at n (the quadrature is then exact per probe).
     grid, density = spectral_density(op, num_probes=2, num_matvecs=500, generator=gen(6))
-    torch.testing.assert_close(torch.trapezoid(density, grid), torch.tensor(1.0, dtype=F64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        torch.trapezoid(density, grid), torch.tensor(1.0, dtype=F64), atol=1e-6, rtol=0
+    )

@@ -47,7 +47,9 @@ def check_exact_methods(op, ref, *, damping=0.3, p=0.5):
     torch.testing.assert_close(op.sqrt().to_dense(), dense_pow(ref, 0.5))
     torch.testing.assert_close(op.pow(-1.0).to_dense(), torch.linalg.inv(ref))
     torch.testing.assert_close(op.inverse().to_dense(), torch.linalg.inv(ref))
-    torch.testing.assert_close(op.inverse(damping).to_dense(), torch.linalg.inv(ref + damping * eye(n)))
+    torch.testing.assert_close(
+        op.inverse(damping).to_dense(), torch.linalg.inv(ref + damping * eye(n))
+    )
 
 
 # --------------------------------------------------------------------------- Dense
@@ -64,16 +66,22 @@ def test_dense_general_and_symmetric_methods():
     op = Dense(M)
     torch.testing.assert_close(op.inverse(0.2).to_dense(), torch.linalg.inv(M + 0.2 * eye(4)))
     torch.testing.assert_close(op.trace(), M.trace())
-    with pytest.raises(ValueError, match="needs a symmetric operator; construct it with symmetric=True"):
+    with pytest.raises(
+        ValueError, match="needs a symmetric operator; construct it with symmetric=True"
+    ):
         op.eigh()
     S = random_sym(4, g)
     check_eigh(Dense(S, symmetric=True), S)
     torch.testing.assert_close(Dense(S, symmetric=True).pow(2).to_dense(), S @ S)
-    with pytest.raises(ValueError, match="fractional power 0.5 of a matrix with negative eigenvalues"):
+    with pytest.raises(
+        ValueError, match="fractional power 0.5 of a matrix with negative eigenvalues"
+    ):
         Dense(S, symmetric=True).sqrt()
     with pytest.raises(ValueError, match="determinant is not positive"):
         Dense(-eye(3)).logdet()
-    with pytest.raises(ValueError, match=r"Dense.trace: needs a square operator; got shape \(2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"Dense.trace: needs a square operator; got shape \(2, 3\)"
+    ):
         Dense(randn(2, 3, g=g)).trace()
     with pytest.raises(ValueError, match="expected a 2-d tensor"):
         Dense(randn(3, g=g))
@@ -89,7 +97,9 @@ def test_dense_float32_cholesky_retries_in_float64():
     with pytest.warns(UserWarning, match="Cholesky failed in torch.float32; retrying in float64"):
         inv = Dense(M32, psd=True).inverse()
     assert inv.dtype == torch.float32
-    torch.testing.assert_close(inv.to_dense().double(), torch.linalg.inv(M32.double()), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        inv.to_dense().double(), torch.linalg.inv(M32.double()), rtol=1e-5, atol=0
+    )
     with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
         Dense(-eye(3), psd=True).inverse()
 
@@ -102,8 +112,10 @@ def test_diagonal_methods():
     assert Diagonal(d).is_psd and not Diagonal(-d).is_psd
     with pytest.raises(ValueError, match="the diagonal has zeros; add damping"):
         Diagonal(torch.zeros(3, dtype=F64)).inverse()
-    torch.testing.assert_close(Diagonal(torch.zeros(3, dtype=F64)).inverse(2.0).diagonal(),
-                               torch.full((3,), 0.5, dtype=F64))
+    torch.testing.assert_close(
+        Diagonal(torch.zeros(3, dtype=F64)).inverse(2.0).diagonal(),
+        torch.full((3,), 0.5, dtype=F64),
+    )
     with pytest.raises(ValueError, match="entries must be positive"):
         Diagonal(-d).logdet()
     with pytest.raises(ValueError, match="damping must be a finite number >= 0; got -1.0"):
@@ -132,7 +144,9 @@ def test_kronecker_methods(sizes):
     check_exact_methods(op, ref)
     # The damped inverse stays structured (eigenbases as a Kronecker), and is exact.
     inv = op.inverse(0.7)
-    torch.testing.assert_close(inv.diagonal(), torch.linalg.inv(ref + 0.7 * eye(ref.shape[0])).diagonal())
+    torch.testing.assert_close(
+        inv.diagonal(), torch.linalg.inv(ref + 0.7 * eye(ref.shape[0])).diagonal()
+    )
     torch.testing.assert_close(inv.trace(), torch.linalg.inv(ref + 0.7 * eye(ref.shape[0])).trace())
 
 
@@ -173,7 +187,9 @@ def test_block_diagonal_methods():
     # Dense(B) wrapped from a plain tensor is not declared symmetric: eigh/pow need that.
     with pytest.raises(ValueError, match="needs a symmetric operator"):
         op.eigh()
-    op = BlockDiagonal([Dense(A, psd=True), Kronecker(K1, K2, psd=True), Diagonal(d), Dense(B, psd=True)])
+    op = BlockDiagonal(
+        [Dense(A, psd=True), Kronecker(K1, K2, psd=True), Diagonal(d), Dense(B, psd=True)]
+    )
     assert op.is_psd
     check_exact_methods(op, ref)
     with pytest.raises(ValueError, match="expected at least one block"):
@@ -208,7 +224,9 @@ def test_lowrank_symmetric_methods():
     torch.testing.assert_close(root @ root, ref)
     # Woodbury damped inverse, exact on the whole space (complement included).
     for damping in (0.1, 2.0):
-        torch.testing.assert_close(op.inverse(damping).to_dense(), torch.linalg.inv(ref + damping * eye(7)))
+        torch.testing.assert_close(
+            op.inverse(damping).to_dense(), torch.linalg.inv(ref + damping * eye(7))
+        )
     with pytest.raises(ValueError, match="damped operator is singular"):
         op.inverse()
     with pytest.raises(ValueError, match="spectrum has non-positive values"):

@@ -16,7 +16,9 @@ T = TypeVar("T")
 def require_operator(A, caller: str) -> LinearOperator:
     """Return ``A`` if it is a ``LinearOperator``, else raise a ``TypeError`` naming the caller."""
     if not isinstance(A, LinearOperator):
-        raise TypeError(f"{caller}: expected a curvkit.linalg.LinearOperator; got {type(A).__name__}.")
+        raise TypeError(
+            f"{caller}: expected a curvkit.linalg.LinearOperator; got {type(A).__name__}."
+        )
     return A
 
 
@@ -45,7 +47,9 @@ def lookup(registry: Mapping[str, T], key: str, what: str, caller: str) -> T:
     try:
         return registry[key]
     except (KeyError, TypeError):
-        raise ValueError(f"{caller}: unknown {what} {key!r}; expected one of {sorted(registry)}.") from None
+        raise ValueError(
+            f"{caller}: unknown {what} {key!r}; expected one of {sorted(registry)}."
+        ) from None
 
 
 def positive_int(value, name: str, caller: str, *, minimum: int = 1) -> int:
@@ -55,7 +59,9 @@ def positive_int(value, name: str, caller: str, *, minimum: int = 1) -> int:
     return value
 
 
-def as_rhs(b: Operand, A: LinearOperator, caller: str) -> tuple[Tensor, Callable[[Tensor], object], bool]:
+def as_rhs(
+    b: Operand, A: LinearOperator, caller: str
+) -> tuple[Tensor, Callable[[Tensor], object], bool]:
     """Parse a right-hand side ``b`` in the output space of ``A``.
 
     Returns ``(B, unflatten, is_vector)``: ``B`` of shape ``(m, k)``, and the map that turns an
@@ -91,7 +97,8 @@ def probes(
         V = torch.randn(n, k, generator=generator, device=gen_device, dtype=dtype)
     else:
         raise ValueError(
-            f"{caller}: unknown probe distribution {distribution!r}; expected 'rademacher' or 'normal'."
+            f"{caller}: unknown probe distribution {distribution!r}; "
+            "expected 'rademacher' or 'normal'."
         )
     return V.to(device)
 

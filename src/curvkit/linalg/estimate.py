@@ -23,8 +23,15 @@ Distribution = Literal["rademacher", "normal"]
 
 
 def _draw(A: LinearOperator, n: int, k: int, distribution: str, generator, caller: str) -> Tensor:
-    return probes(n, k, distribution=distribution, dtype=A.dtype, device=A.device,
-                  generator=generator, caller=caller)
+    return probes(
+        n,
+        k,
+        distribution=distribution,
+        dtype=A.dtype,
+        device=A.device,
+        generator=generator,
+        caller=caller,
+    )
 
 
 # --------------------------------------------------------------------------- trace
@@ -55,7 +62,7 @@ def _exchange_projectors(R: Tensor, chunk: int = 64):
     t = R.shape[1]
     cols = torch.arange(t, device=R.device)
     for start in range(0, t, chunk):
-        idx = cols[start:start + chunk]
+        idx = cols[start : start + chunk]
         keep = cols.unsqueeze(0) != idx.unsqueeze(1)  # (c, t)
         R_minus = R.T.unsqueeze(0).expand(len(idx), t, t)[keep].reshape(len(idx), t - 1, t)
         W, _ = torch.linalg.qr(R_minus.transpose(1, 2))  # (c, t, t - 1)

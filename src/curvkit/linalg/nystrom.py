@@ -58,8 +58,15 @@ def nystrom(
         raise ValueError(f"nystrom: rank must be <= n = {n}; got {rank}.")
     if method not in ("stable", "fast"):
         raise ValueError(f"nystrom: method must be 'stable' or 'fast'; got {method!r}.")
-    Omega = probes(n, rank, distribution="normal", dtype=A.dtype, device=A.device,
-                   generator=generator, caller=caller)
+    Omega = probes(
+        n,
+        rank,
+        distribution="normal",
+        dtype=A.dtype,
+        device=A.device,
+        generator=generator,
+        caller=caller,
+    )
     if method == "stable":
         Omega, _ = torch.linalg.qr(Omega)
     Y = A._matmat(Omega)  # (n, l), the only products
@@ -112,8 +119,12 @@ def nystrom_pcg(
         damping: ``μ >= 0``; with ``μ = 0`` the smallest retained Nyström eigenvalue must be
             positive.
         method: Nyström variant (see ``nystrom``).
-        rtol, atol, max_iter, on_failure, return_info: As in ``cg``.
+        rtol: As in ``cg``.
+        atol: As in ``cg``.
+        max_iter: As in ``cg``.
         generator: Source of the sketch.
+        on_failure: As in ``cg``.
+        return_info: As in ``cg``.
 
     Returns:
         The solution in the form of ``b``, or a ``SolveResult``.
@@ -130,10 +141,20 @@ def nystrom_pcg(
     lam_min = lam.min().item()
     if lam_min + damping <= 0:
         raise ValueError(
-            f"nystrom_pcg: the smallest Nyström eigenvalue plus damping is {lam_min + damping:.3e}; "
-            "the preconditioner needs it positive: add damping or lower the rank."
+            "nystrom_pcg: the smallest Nyström eigenvalue plus damping is "
+            f"{lam_min + damping:.3e}; the preconditioner needs it positive: add damping or "
+            "lower the rank."
         )
     # P^{-1} acts as (λ̂_l + μ)/(λ̂ + μ) on range(U) and as the identity on its complement.
     P_inv = SymmetricEigen(U, (lam_min + damping) / (lam + damping), complement=1.0)
-    return cg(A, b, damping=damping, preconditioner=P_inv, rtol=rtol, atol=atol,
-              max_iter=max_iter, on_failure=on_failure, return_info=return_info)
+    return cg(
+        A,
+        b,
+        damping=damping,
+        preconditioner=P_inv,
+        rtol=rtol,
+        atol=atol,
+        max_iter=max_iter,
+        on_failure=on_failure,
+        return_info=return_info,
+    )

@@ -97,8 +97,18 @@ def _apply_active(A: LinearOperator, P: Tensor, active: Tensor) -> Tensor:
     return out
 
 
-def _finish(caller, x_block, unflatten, is_vector, iterations, res, converged, thresh, on_failure,
-            return_info):
+def _finish(
+    caller,
+    x_block,
+    unflatten,
+    is_vector,
+    iterations,
+    res,
+    converged,
+    thresh,
+    on_failure,
+    return_info,
+):
     if on_failure not in ("raise", "warn"):
         raise ValueError(f"{caller}: on_failure must be 'raise' or 'warn'; got {on_failure!r}.")
     ok = bool(converged.all())
@@ -116,8 +126,9 @@ def _finish(caller, x_block, unflatten, is_vector, iterations, res, converged, t
     x = unflatten(x_block)
     if not return_info:
         return x
-    return SolveResult(x=x, iterations=iterations, residual_norm=res[0] if is_vector else res,
-                       converged=ok)
+    return SolveResult(
+        x=x, iterations=iterations, residual_norm=res[0] if is_vector else res, converged=ok
+    )
 
 
 def _initial(A, b, x0, caller):
@@ -126,7 +137,9 @@ def _initial(A, b, x0, caller):
         return B, torch.zeros_like(B), unflatten, is_vector
     X0, _, _ = as_rhs(x0, A.T, caller + " (x0)")
     if X0.shape != B.shape:
-        raise ValueError(f"{caller}: x0 must match b's shape {tuple(B.shape)}; got {tuple(X0.shape)}.")
+        raise ValueError(
+            f"{caller}: x0 must match b's shape {tuple(B.shape)}; got {tuple(X0.shape)}."
+        )
     return B, X0.clone(), unflatten, is_vector
 
 
@@ -154,7 +167,9 @@ def cg(
         x0: Start, same form as ``b`` (default zero).
         damping: ``λ >= 0`` added to the diagonal.
         preconditioner: Symmetric positive-definite operator ``M ≈ (A + λI)^{-1}``, ``(n, n)``.
-        rtol, atol: Column ``j`` has converged when ``‖r_j‖ <= max(rtol ‖b_j‖, atol)``.
+        rtol: Relative tolerance: column ``j`` has converged when
+            ``‖r_j‖ <= max(rtol ‖b_j‖, atol)``.
+        atol: Absolute tolerance (see ``rtol``).
         max_iter: Iteration cap (default ``10 n``).
         on_failure: ``"raise"`` a ``ConvergenceError`` or ``"warn"`` if the cap is reached.
         return_info: Return a ``SolveResult`` instead of the bare solution.
@@ -180,7 +195,9 @@ def cg(
     if preconditioner is not None:
         require_operator(preconditioner, caller + " (preconditioner)")
         if preconditioner.shape != (n, n):
-            raise ValueError(f"cg: preconditioner must have shape {(n, n)}; got {preconditioner.shape}.")
+            raise ValueError(
+                f"cg: preconditioner must have shape {(n, n)}; got {preconditioner.shape}."
+            )
     Bm, X, unflatten, is_vector = _initial(A, b, x0, caller)
 
     def op(P, active):
@@ -218,7 +235,9 @@ def cg(
         beta = torch.where(active, rz_new / torch.where(rz == 0, 1.0, rz), 0.0)
         P = Z + beta * P
         rz = rz_new
-    return _finish(caller, X, unflatten, is_vector, it, res, ~active, thresh, on_failure, return_info)
+    return _finish(
+        caller, X, unflatten, is_vector, it, res, ~active, thresh, on_failure, return_info
+    )
 
 
 # --------------------------------------------------------------------------- MINRES
@@ -306,12 +325,19 @@ def minres(
         active = active & ~newly_done
     res = phibar.abs()
     converged = (res <= thresh) | ~active
-    return _finish(caller, X, unflatten, is_vector, it, res, converged, thresh, on_failure, return_info)
+    return _finish(
+        caller, X, unflatten, is_vector, it, res, converged, thresh, on_failure, return_info
+    )
 
 
 def _as_zero_start(A, b, caller):
     B, unflatten, is_vector = as_rhs(b, A, caller)
-    return B, torch.zeros(A.shape[1], B.shape[1], dtype=B.dtype, device=B.device), unflatten, is_vector
+    return (
+        B,
+        torch.zeros(A.shape[1], B.shape[1], dtype=B.dtype, device=B.device),
+        unflatten,
+        is_vector,
+    )
 
 
 # --------------------------------------------------------------------------- LSMR
@@ -346,11 +372,13 @@ def lsmr(
         A: Operator ``(m, n)``, with ``_rmatmat`` if it is not symmetric.
         b: Right-hand side ``(m,)`` or ``(m, k)``.
         damping: ``λ >= 0``.
-        atol, btol: Stopping tolerances as in SciPy's ``lsmr``: stop when
-            ``‖r‖ <= btol ‖b‖ + atol ‖A‖ ‖x‖`` (consistent systems) or
-            ``‖Āᵀ r̄‖ <= atol ‖Ā‖ ‖r̄‖`` (least squares; bars include the damping rows).
+        atol: Stopping tolerance as in SciPy's ``lsmr``: stop when
+            ``‖Āᵀ r̄‖ <= atol ‖Ā‖ ‖r̄‖`` (least squares; bars include the damping rows) or
+            ``‖r‖ <= btol ‖b‖ + atol ‖A‖ ‖x‖`` (consistent systems).
+        btol: See ``atol``.
         max_iter: Iteration cap (default ``min(m, n)`` times 10).
-        on_failure, return_info: As in ``cg``.
+        on_failure: As in ``cg``.
+        return_info: As in ``cg``.
 
     Returns:
         The solution ``(n,)`` or ``(n, k)``, or a ``SolveResult``.
@@ -469,16 +497,22 @@ def lsmr(
     if on_failure not in ("raise", "warn"):
         raise ValueError(f"lsmr: on_failure must be 'raise' or 'warn'; got {on_failure!r}.")
     if not bool(converged.all()):
-        msg = (f"lsmr: did not converge in {it} iterations: normal-equation residual "
-               f"{res.max().item():.3e} (tolerance {thresh.max().item():.3e}); raise max_iter or "
-               "loosen atol/btol.")
+        msg = (
+            f"lsmr: did not converge in {it} iterations: normal-equation residual "
+            f"{res.max().item():.3e} (tolerance {thresh.max().item():.3e}); raise max_iter or "
+            "loosen atol/btol."
+        )
         if on_failure == "raise":
             raise ConvergenceError(msg)
         warnings.warn(msg, ConvergenceWarning, stacklevel=2)
     if not return_info:
         return x
-    return SolveResult(x=x, iterations=it, residual_norm=res[0] if is_vector else res,
-                       converged=bool(converged.all()))
+    return SolveResult(
+        x=x,
+        iterations=it,
+        residual_norm=res[0] if is_vector else res,
+        converged=bool(converged.all()),
+    )
 
 
 # --------------------------------------------------------------------------- Neumann
@@ -509,7 +543,8 @@ def neumann(
         rtol: If given, stop early once ``‖r_j‖ <= rtol ‖b_j‖`` for every column and treat not
             reaching it within ``num_terms`` as a failure (``on_failure``). ``None`` (default)
             runs all ``K + 1`` terms and reports the residual.
-        on_failure, return_info: As in ``cg``.
+        on_failure: As in ``cg``.
+        return_info: As in ``cg``.
 
     Returns:
         The solution in the form of ``b``, or a ``SolveResult``.
@@ -547,8 +582,9 @@ def neumann(
         converged, thresh = torch.ones_like(res, dtype=torch.bool), res
     else:
         converged = res <= thresh
-    return _finish(caller, X, unflatten, is_vector, it, res, converged, thresh, on_failure,
-                   return_info)
+    return _finish(
+        caller, X, unflatten, is_vector, it, res, converged, thresh, on_failure, return_info
+    )
 
 
 # --------------------------------------------------------------------------- solve operator
@@ -556,8 +592,10 @@ _SOLVERS = {"cg": cg, "minres": minres}
 
 
 class SolveOperator(LinearOperator):
-    """``(A + λI)^{-1}`` applied by an iterative solver; what ``A.inverse(damping, method=...)``
-    returns for operators without an exact inverse.
+    """``(A + λI)^{-1}`` applied by an iterative solver.
+
+    This is what ``A.inverse(damping, method=...)`` returns for operators without an exact
+    inverse.
 
     Each product ``S @ X`` runs one batched solve over the columns of ``X``. The operator is
     symmetric (and PSD) when ``A`` is declared so; products carry the solver's tolerance.
@@ -570,8 +608,9 @@ class SolveOperator(LinearOperator):
             ``on_failure``, and ``preconditioner`` for CG).
     """
 
-    def __init__(self, A: LinearOperator, damping: float = 0.0, *, method: str = "cg",
-                 **solver_options):
+    def __init__(
+        self, A: LinearOperator, damping: float = 0.0, *, method: str = "cg", **solver_options
+    ):
         caller = f"{type(A).__name__}.inverse"
         require_symmetric(A, caller)
         self.solver = lookup(_SOLVERS, method, "solver method", caller)
@@ -579,8 +618,9 @@ class SolveOperator(LinearOperator):
             raise TypeError(f"{caller}: return_info and x0 are not options of an inverse operator.")
         self.A, self.damping, self.method = A, _check_damping(damping, caller), method
         self.solver_options = solver_options
-        super().__init__(A.shape, dtype=A.dtype, device=A.device, in_shapes=A.out_shapes,
-                         out_shapes=A.in_shapes)
+        super().__init__(
+            A.shape, dtype=A.dtype, device=A.device, in_shapes=A.out_shapes, out_shapes=A.in_shapes
+        )
         self.is_symmetric = True
         self.is_psd = A.is_psd
 
@@ -588,15 +628,22 @@ class SolveOperator(LinearOperator):
         return self.solver(self.A, X, damping=self.damping, **self.solver_options)
 
     def _to(self, dtype, device):
-        return SolveOperator(self.A._to(dtype, device), self.damping, method=self.method,
-                             **self.solver_options)
+        return SolveOperator(
+            self.A._to(dtype, device), self.damping, method=self.method, **self.solver_options
+        )
 
     def inverse(self, damping: float = 0.0, **kwargs):
+        """``A + λI`` itself for ``damping=0`` (no solve); else an iterative solve of it."""
         if damping == 0.0 and not kwargs:  # ((A + λI)^{-1})^{-1} = A + λI, exactly
             from curvkit.linalg.structured import Identity
 
             if self.damping == 0.0:
                 return self.A
-            return self.A + Identity(self.shape[0], self.damping, dtype=self.dtype,
-                                     device=self.device, in_shapes=self.A.in_shapes)
+            return self.A + Identity(
+                self.shape[0],
+                self.damping,
+                dtype=self.dtype,
+                device=self.device,
+                in_shapes=self.A.in_shapes,
+            )
         return super().inverse(damping, **kwargs)

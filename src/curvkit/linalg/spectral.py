@@ -1,5 +1,8 @@
-"""Spectra of symmetric operators: Lanczos, extreme eigenpairs, power iteration, and the
-spectral density by stochastic Lanczos quadrature."""
+"""Spectra of symmetric operators: Lanczos, eigenpairs, and the spectral density.
+
+Extreme eigenpairs come from thick-restarted block Lanczos (``eigsh``) or power iteration; the
+spectral density from stochastic Lanczos quadrature, on a linear or a logarithmic scale.
+"""
 
 from __future__ import annotations
 
@@ -43,8 +46,9 @@ class LanczosResult:
         return theta, self.Q @ S
 
 
-def _lanczos_batch(A: LinearOperator, V0: Tensor, num_steps: int, reorthogonalize: bool,
-                   keep_basis: bool):
+def _lanczos_batch(
+    A: LinearOperator, V0: Tensor, num_steps: int, reorthogonalize: bool, keep_basis: bool
+):
     """Run ``b`` independent Lanczos processes in parallel (one ``A @`` block per step).
 
     Returns ``(alpha (b, s), beta (b, s - 1), basis (b, s, n) or None, steps)``. A column whose
@@ -93,8 +97,9 @@ def _lanczos_batch(A: LinearOperator, V0: Tensor, num_steps: int, reorthogonaliz
     return alpha, beta, (basis if keep_basis else None), steps
 
 
-def lanczos(A: LinearOperator, v0: Tensor, num_matvecs: int, *, reorthogonalize: bool = True
-            ) -> LanczosResult:
+def lanczos(
+    A: LinearOperator, v0: Tensor, num_matvecs: int, *, reorthogonalize: bool = True
+) -> LanczosResult:
     """Tridiagonalise a symmetric operator by the Lanczos iteration.
 
     Args:
@@ -120,13 +125,17 @@ def lanczos(A: LinearOperator, v0: Tensor, num_matvecs: int, *, reorthogonalize:
     if k > n:
         raise ValueError(f"lanczos: num_matvecs must be <= n = {n}; got {k}.")
     if not isinstance(v0, Tensor) or v0.shape != (n,):
-        raise ValueError(f"lanczos: v0 must have shape ({n},); got {tuple(getattr(v0, 'shape', ()))}.")
+        raise ValueError(
+            f"lanczos: v0 must have shape ({n},); got {tuple(getattr(v0, 'shape', ()))}."
+        )
     if v0.dtype != A.dtype or v0.device != A.device:
-        raise TypeError(f"lanczos: v0 must have dtype {A.dtype} on {A.device}; got {v0.dtype} on {v0.device}.")
+        raise TypeError(
+            f"lanczos: v0 must have dtype {A.dtype} on {A.device}; got {v0.dtype} on {v0.device}."
+        )
     if not bool(v0.norm() > 0):
         raise ValueError("lanczos: v0 is zero.")
     alpha, beta, basis, steps = _lanczos_batch(A, v0.unsqueeze(1), k, reorthogonalize, True)
-    return LanczosResult(Q=basis[0, :steps].T, alpha=alpha[0, :steps], beta=beta[0, :steps - 1])
+    return LanczosResult(Q=basis[0, :steps].T, alpha=alpha[0, :steps], beta=beta[0, : steps - 1])
 
 
 # --------------------------------------------------------------------------- eigsh
@@ -195,14 +204,31 @@ def eigsh(
     tol = math.sqrt(torch.finfo(A.dtype).eps) if tol is None else float(tol)
     if not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"eigsh: tol must be a finite number > 0; got {tol}.")
-    p = min(n, k + max(k, 8)) if block_size is None else positive_int(block_size, "block_size", caller)
+    p = (
+        min(n, k + max(k, 8))
+        if block_size is None
+        else positive_int(block_size, "block_size", caller)
+    )
     if not k <= p <= n:
         raise ValueError(f"eigsh: block_size must be in [k, n] = [{k}, {n}]; got {p}.")
     num_blocks = positive_int(num_blocks, "num_blocks", caller)
-    budget = max(20 * n, 2000) if max_matvecs is None else positive_int(max_matvecs, "max_matvecs", caller)
+    budget = (
+        max(20 * n, 2000)
+        if max_matvecs is None
+        else positive_int(max_matvecs, "max_matvecs", caller)
+    )
 
-    X = orthonormalize(probes(n, p, distribution="normal", dtype=A.dtype, device=A.device,
-                              generator=generator, caller=caller))
+    X = orthonormalize(
+        probes(
+            n,
+            p,
+            distribution="normal",
+            dtype=A.dtype,
+            device=A.device,
+            generator=generator,
+            caller=caller,
+        )
+    )
     AX = A._matmat(X)
     used = p
     while True:
@@ -217,9 +243,11 @@ def eigsh(
         if bool((res <= tol * scale).all()) or X.shape[1] == n:
             break
         if used >= budget:
-            msg = (f"eigsh: {k} eigenpairs not converged after {used} products: largest relative "
-                   f"residual {(res.max() / scale).item():.3e} > tol {tol:.1e}. Raise max_matvecs, "
-                   "block_size or num_blocks.")
+            msg = (
+                f"eigsh: {k} eigenpairs not converged after {used} products: largest relative "
+                f"residual {(res.max() / scale).item():.3e} > tol {tol:.1e}. Raise max_matvecs, "
+                "block_size or num_blocks."
+            )
             if on_failure == "raise":
                 raise ConvergenceError(msg)
             warnings.warn(msg, ConvergenceWarning, stacklevel=2)
@@ -274,10 +302,19 @@ def power_iteration(
     n = require_symmetric(A, caller)
     max_iter = positive_int(max_iter, "max_iter", caller)
     if v0 is None:
-        v0 = probes(n, 1, distribution="normal", dtype=A.dtype, device=A.device,
-                    generator=generator, caller=caller)[:, 0]
+        v0 = probes(
+            n,
+            1,
+            distribution="normal",
+            dtype=A.dtype,
+            device=A.device,
+            generator=generator,
+            caller=caller,
+        )[:, 0]
     elif not isinstance(v0, Tensor) or v0.shape != (n,):
-        raise ValueError(f"power_iteration: v0 must have shape ({n},); got {tuple(getattr(v0, 'shape', ()))}.")
+        raise ValueError(
+            f"power_iteration: v0 must have shape ({n},); got {tuple(getattr(v0, 'shape', ()))}."
+        )
     v = v0 / v0.norm()
     Av = A @ v
     theta = v @ Av
@@ -287,9 +324,11 @@ def power_iteration(
         v = Av / Av.norm()
         Av = A @ v
         theta = v @ Av
-    msg = (f"power_iteration: not converged in {max_iter} steps (relative residual "
-           f"{((Av - theta * v).norm() / theta.abs()).item():.3e} > {tol}); the two largest "
-           "eigenvalues may be close in magnitude: use eigsh.")
+    msg = (
+        f"power_iteration: not converged in {max_iter} steps (relative residual "
+        f"{((Av - theta * v).norm() / theta.abs()).item():.3e} > {tol}); the two largest "
+        "eigenvalues may be close in magnitude: use eigsh."
+    )
     if on_failure == "raise":
         raise ConvergenceError(msg)
     warnings.warn(msg, ConvergenceWarning, stacklevel=2)
@@ -354,11 +393,20 @@ def spectral_density(
     depth = min(positive_int(num_matvecs, "num_matvecs", caller), n)
     num_points = positive_int(num_points, "num_points", caller, minimum=2)
     if not (math.isfinite(kernel_width) and kernel_width > 0):
-        raise ValueError(f"spectral_density: kernel_width must be a finite number > 0; got {kernel_width}.")
+        raise ValueError(
+            f"spectral_density: kernel_width must be a finite number > 0; got {kernel_width}."
+        )
     if scale not in ("linear", "log"):
         raise ValueError(f"spectral_density: scale must be 'linear' or 'log'; got {scale!r}.")
-    V = probes(n, num_probes, distribution=distribution, dtype=A.dtype, device=A.device,
-               generator=generator, caller=caller)
+    V = probes(
+        n,
+        num_probes,
+        distribution=distribution,
+        dtype=A.dtype,
+        device=A.device,
+        generator=generator,
+        caller=caller,
+    )
     alpha, beta, _, _ = _lanczos_batch(A, V, depth, True, False)
     T = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
     theta, S = torch.linalg.eigh(T)  # (b, depth), (b, depth, depth)
@@ -368,7 +416,9 @@ def spectral_density(
         top = theta.max().item()
         eps = 1e-8 * abs(top) if epsilon is None else float(epsilon)
         if not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"spectral_density: epsilon must be a finite number > 0; got {epsilon}.")
+            raise ValueError(
+                f"spectral_density: epsilon must be a finite number > 0; got {epsilon}."
+            )
         # Zero-weight Ritz values come from broken-down (decoupled) blocks; ignore them.
         bad = (theta + eps <= 0) & (weights > 0)
         if bool(bad.any()):
