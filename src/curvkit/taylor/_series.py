@@ -14,13 +14,13 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
 
 
-@lru_cache(maxsize=None)
+@cache
 def integer_partitions(k: int) -> tuple[tuple[int, ...], ...]:
     """All partitions of ``k`` into positive parts, each sorted in decreasing order."""
 
@@ -35,7 +35,7 @@ def integer_partitions(k: int) -> tuple[tuple[int, ...], ...]:
     return tuple(parts(k, k))
 
 
-@lru_cache(maxsize=None)
+@cache
 def faa_di_bruno_terms(k: int) -> dict[int, tuple[tuple[float, tuple[int, ...]], ...]]:
     """Faà di Bruno's formula for the k-th coefficient, grouped by the derivative order.
 
@@ -71,7 +71,7 @@ def _poly_multiply(a: list[float], b: list[float]) -> list[float]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _chain_polynomials(order: int, generator: tuple[float, ...]) -> tuple[tuple[float, ...], ...]:
     """Polynomials ``p_n`` with ``phi^(n) = p_n(phi)`` for ``phi' = g(phi)``, ``g = generator``.
 

@@ -80,7 +80,8 @@ class DifferentialOperator:
             if not isinstance(flag, bool):
                 raise TypeError(f"{caller}: {name} must be a bool; got {flag!r}.")
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"{caller}: generator must be a torch.Generator; got {type(generator)}.")
+            raise TypeError(f"{caller}: generator must be a torch.Generator; "
+                            f"got {type(generator)}.")
         self.captured = CapturedFunction(f, caller=caller)
         self.caller = caller
         self.order = order
@@ -264,7 +265,8 @@ def weighted_laplacian(f: nn.Module | Callable[[Tensor], Tensor],
     caller = "weighted_laplacian"
     parsed = _parse_randomization(randomization, caller, ("rademacher", "normal"))
     if not (isinstance(sigma, Tensor) or callable(sigma)):
-        raise TypeError(f"{caller}: sigma must be a (D, R) tensor or a callable; got {type(sigma)}.")
+        raise TypeError(f"{caller}: sigma must be a (D, R) tensor or a callable; "
+                        f"got {type(sigma)}.")
     if signs is not None and (not isinstance(signs, Tensor) or signs.dim() != 1
                               or not bool(((signs == 1) | (signs == -1)).all())):
         raise ValueError(f"{caller}: signs must be a 1-d tensor of ±1; got {signs!r}.")
