@@ -30,7 +30,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -40,7 +39,7 @@ from torch import Tensor, nn
 
 from curvkit.curvature.engine import DataEngine, resolve_params
 from curvkit.curvature.kfac_blocks import Block, PermutedBlocks
-from curvkit.curvature.kfac_layers import KroneckerRule
+from curvkit.curvature.kfac_layers import gram
 from curvkit.curvature.kfac_pass import (
     FISHER_TYPES,
     FactorPass,
@@ -219,23 +218,22 @@ class KFAC(LinearOperator):
         """``[Σ w a aᵀ (groups, d, d), Σ w S (1,)]``: input factor sum and its normaliser."""
         if self.approx == "reduce":
             a = a.mean(dim=1, keepdim=True)
-            gram = lambda t: KroneckerRule.input_gram(plan.rule, t)  # noqa: E731 (not one-hot)
+            gram_fn = gram  # the mean over positions is no longer one-hot for embeddings
         else:
-            gram = plan.rule.input_gram
+            gram_fn = plan.rule.input_gram
         N, S = a.shape[:2]
         w = batch.weights
         if w is None:
-            return [gram(a), a.new_tensor([float(N * S)])]
+            return [gram_fn(a), a.new_tensor([float(N * S)])]
         w = w.to(dtype=a.dtype, device=a.device)  # validated in FactorPass.forward
-        return [gram(a * w.sqrt().reshape(-1, 1, 1, 1)), (w.sum() * S).reshape(1)]
+        return [gram_fn(a * w.sqrt().reshape(-1, 1, 1, 1)), (w.sum() * S).reshape(1)]
 
     def _output_factor(self, fp: FactorPass, plan: LayerPlan, grads: list[Tensor]) -> list[Tensor]:
         if plan.is_kron:
             g = fp.layer_grads(plan, grads)  # (N, S, groups, d_out)
             if self.approx == "reduce":
                 g = g.sum(dim=1, keepdim=True)
-            flat = g.reshape(-1, g.shape[2], g.shape[3])
-            return [torch.einsum("mgi,mgj->gij", flat, flat)]
+            return [gram(g)]
         u = fp.norm_grads(plan, grads)
         if plan.joint:
             U = torch.cat([u["weight"], u["bias"]], dim=1)
@@ -283,54 +281,63 @@ class KFAC(LinearOperator):
         return offsets
 
     def _blocks(self) -> list[Block]:
-        """The blocks in canonical order, each with its entries' indices in ``params`` order."""
-        off, shapes = self._offsets(), {n: p.shape for n, p in self.engine.params.items()}
+        """The blocks in canonical order, each with its entries' positions in ``params`` order.
+
+        Positions are a ``slice`` where the block is contiguous in ``params`` order (no gather
+        needed) and an index tensor where it interleaves (a joint ``[W | b]``).
+        """
+        off, sizes = self._offsets(), {n: p.numel() for n, p in self.engine.params.items()}
         dev = self.device
 
-        def idx(name, *shape):
-            return off[name] + torch.arange(math.prod(shapes[name]), device=dev).reshape(*shape)
+        def span(name, start=0, count=None):
+            return slice(off[name] + start, off[name] + start + (count or sizes[name]))
+
+        def joined(first, second):
+            if off[second] == off[first] + sizes[first]:
+                return slice(off[first], off[second] + sizes[second])
+            return torch.cat([torch.arange(s.start, s.stop, device=dev)
+                              for s in (span(first), span(second))])
 
         blocks = []
         for spec in self.specs:
             f = self.factors[spec.path]
             if spec.kind == "norm":
                 if spec.joint:
-                    ix = torch.cat([idx(spec.weight, -1), idx(spec.bias, -1)])
-                    blocks.append(Block(ix, "dense", (f["joint"],), spec.path))
-                else:
-                    for role in ("weight", "bias"):
-                        if getattr(spec, role) is not None:
-                            blocks.append(Block(idx(getattr(spec, role), -1), "dense", (f[role],),
-                                                spec.path))
+                    blocks.append(Block(joined(spec.weight, spec.bias), "dense", (f["joint"],),
+                                        spec.path))
+                for role in ("weight", "bias") if not spec.joint else ():
+                    if getattr(spec, role) is not None:
+                        blocks.append(Block(span(getattr(spec, role)), "dense", (f[role],),
+                                            spec.path))
                 continue
             A, G = f["A"], f["G"]
             if spec.order == "AG":
-                blocks.append(Block(idx(spec.weight, -1), "kron", (A[0], G[0]), spec.path,
+                blocks.append(Block(span(spec.weight), "kron", (A[0], G[0]), spec.path,
                                     a_pos=0, key=("W", 0)))
                 continue
             groups, d_out = G.shape[0], G.shape[1]
             one = torch.ones(1, 1, dtype=G.dtype, device=G.device)
             if spec.weight is not None:
-                iw = idx(spec.weight, groups, d_out, -1)
-                if spec.joint:
-                    iw = torch.cat([iw, idx(spec.bias, groups, d_out, 1)], dim=2)
-                blocks += [Block(iw[j].reshape(-1), "kron", (G[j], A[j]), spec.path, a_pos=1,
-                                 key=("W", j)) for j in range(groups)]
-            if spec.bias is not None and not spec.joint:
-                ib = idx(spec.bias, groups, d_out)
-                blocks += [Block(ib[j], "kron", (G[j], one), spec.path, a_pos=1, key=("b", j))
+                n_w = sizes[spec.weight] // groups
+                if spec.joint:  # rows [W_r | b_r]: interleaved, an index tensor
+                    iw = off[spec.weight] + torch.arange(sizes[spec.weight], device=dev)
+                    ib = off[spec.bias] + torch.arange(groups * d_out, device=dev)
+                    ix = torch.cat([iw.reshape(groups, d_out, -1), ib.reshape(groups, d_out, 1)],
+                                   dim=2).reshape(groups, -1)
+                else:
+                    ix = [span(spec.weight, j * n_w, n_w) for j in range(groups)]
+                blocks += [Block(ix[j], "kron", (G[j], A[j]), spec.path, a_pos=1, key=("W", j))
                            for j in range(groups)]
-        diag = [n for n in self.others if "diagonal" in self.factors[n]]
-        if diag:
-            blocks.append(Block(torch.cat([idx(n, -1) for n in diag]), "diagonal",
-                                (torch.cat([self.factors[n]["diagonal"] for n in diag]),), "other"))
+            if spec.bias is not None and not spec.joint:
+                blocks += [Block(span(spec.bias, j * d_out, d_out), "kron", (G[j], one),
+                                 spec.path, a_pos=1, key=("b", j)) for j in range(groups)]
         for n in self.others:
-            if "dense" in self.factors[n]:
-                blocks.append(Block(idx(n, -1), "dense", (self.factors[n]["dense"],), n))
+            kind = "diagonal" if "diagonal" in self.factors[n] else "dense"
+            blocks.append(Block(span(n), kind, (self.factors[n][kind],), n))
         return blocks
 
     def _build(self) -> None:
-        self._op = PermutedBlocks(self._blocks(), self.shape[0], self.in_shapes)
+        self._op = PermutedBlocks(self._blocks(), self.shape[0], self.in_shapes, self.device)
 
     def _require(self, method: str) -> PermutedBlocks:
         if self._op is None:

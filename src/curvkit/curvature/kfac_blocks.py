@@ -32,8 +32,8 @@ class Block:
     """One diagonal block.
 
     Attributes:
-        index: ``(n_b,)`` positions of the block's entries in the flat ``params`` order, in the
-            block's own (canonical) order.
+        index: Positions of the block's entries in the flat ``params`` order, in the block's
+            own (canonical) order: a ``slice`` when contiguous, else an ``(n_b,)`` tensor.
         kind: ``"kron"`` (``data = (first, second)``: ``first ⊗ second``), ``"dense"``
             (``(M,)``), ``"diagonal"`` (``(d,)``) or ``"eigen"`` (``(Q_1, Q_2, λ)``:
             ``(Q_1 ⊗ Q_2) diag(λ) (Q_1 ⊗ Q_2)ᵀ``, EKFAC).
@@ -44,7 +44,7 @@ class Block:
             ``("b", j)`` (separate bias of group ``j``); lets EKFAC find its eigenvalues.
     """
 
-    index: Tensor
+    index: Tensor | slice
     kind: str
     data: tuple[Tensor, ...]
     label: str
@@ -119,12 +119,22 @@ class Block:
         return lam, Kronecker(Q1, Q2)
 
 
+def _scatter(Y: Tensor, perm: Tensor) -> Tensor:
+    """``out[perm] = Y``: canonical rows back to ``params`` order."""
+    out = torch.empty_like(Y)
+    out[perm] = Y
+    return out
+
+
 def _shift(M: Tensor, d: float) -> Tensor:
     return M + d * torch.eye(M.shape[0], dtype=M.dtype, device=M.device) if d else M
 
 
 class Permuted(LinearOperator):
-    """``Pᵀ B P`` for a square operator ``B`` in canonical order and the gather index ``perm``."""
+    """``Pᵀ B P`` for a square operator ``B`` in canonical order and the gather index ``perm``.
+
+    ``perm=None`` is the identity (no gather or scatter).
+    """
 
     is_symmetric = True
 
@@ -134,19 +144,16 @@ class Permuted(LinearOperator):
         self.is_psd = inner.is_psd
 
     def _matmat(self, X):
-        Y = self.inner._matmat(X[self.perm])
-        out = torch.empty_like(Y)
-        out[self.perm] = Y
-        return out
+        if self.perm is None:
+            return self.inner._matmat(X)
+        return _scatter(self.inner._matmat(X[self.perm]), self.perm)
 
     def trace(self):
         return self.inner.trace()
 
     def diagonal(self):
         d = self.inner.diagonal()
-        out = torch.empty_like(d)
-        out[self.perm] = d
-        return out
+        return d if self.perm is None else _scatter(d, self.perm)
 
 
 class _ScatterRows(LinearOperator):
@@ -158,23 +165,30 @@ class _ScatterRows(LinearOperator):
 
     def _matmat(self, X):
         Y = self.Q._matmat(X)
-        out = torch.empty_like(Y)
-        out[self.perm] = Y
-        return out
+        return Y if self.perm is None else _scatter(Y, self.perm)
 
     def _rmatmat(self, Y):
-        return self.Q._rmatmat(Y[self.perm])
+        return self.Q._rmatmat(Y if self.perm is None else Y[self.perm])
 
 
 class PermutedBlocks(Permuted):
     """``Pᵀ diag(B_1, ..., B_r) P`` with per-block trace, logdet, eigh, Frobenius norm, inverse."""
 
-    def __init__(self, blocks: list[Block], size: int, in_shapes=None):
-        perm = torch.cat([b.index for b in blocks])
-        if perm.shape[0] != size or not torch.equal(perm.sort().values,
-                                                     torch.arange(size, device=perm.device)):
-            raise RuntimeError(f"KFAC: internal error, blocks cover {perm.shape[0]} of {size} "
-                               "entries or overlap.")
+    def __init__(self, blocks: list[Block], size: int, in_shapes=None, device=None):
+        perm, end = None, 0
+        for b in blocks:
+            if not isinstance(b.index, slice) or b.index.start != end:
+                break
+            end = b.index.stop
+        else:  # contiguous, in order: canonical order is the parameters' order
+            if end != size:
+                raise RuntimeError(f"KFAC: internal error, blocks cover {end} of {size} entries.")
+        if end != size:
+            perm = torch.cat([torch.arange(b.index.start, b.index.stop, device=device)
+                              if isinstance(b.index, slice) else b.index for b in blocks])
+            if perm.shape[0] != size:
+                raise RuntimeError(f"KFAC: internal error, blocks cover {perm.shape[0]} of "
+                                   f"{size} entries.")
         super().__init__(BlockDiagonal([b.operator() for b in blocks]), perm, in_shapes)
         self.blocks = blocks
 

@@ -38,6 +38,15 @@ def _batch_first(x: Tensor, module: nn.Module, what: str) -> int:
     return x.shape[0]
 
 
+def gram(t: Tensor) -> Tensor:
+    """``Σ_{n,s} t tᵀ`` per group: ``(N, S, groups, d)`` → ``(groups, d, d)``."""
+    flat = t.reshape(-1, t.shape[2], t.shape[3])
+    if flat.shape[1] == 1:  # one plain matmul is faster than a batched einsum
+        m = flat[:, 0]
+        return (m.T @ m).unsqueeze(0)
+    return torch.bmm(flat.permute(1, 2, 0), flat.permute(1, 0, 2))
+
+
 # --------------------------------------------------------------------------- Kronecker rules
 class KroneckerRule:
     """Base of the rules for layers whose weight gets a Kronecker block."""
@@ -62,8 +71,7 @@ class KroneckerRule:
 
     def input_gram(self, a: Tensor) -> Tensor:
         """``Σ_{n,s} a aᵀ`` per group, ``(groups, d_in, d_in)``, for ``a: (N, S, groups, d_in)``."""
-        flat = a.reshape(-1, a.shape[2], a.shape[3])
-        return torch.einsum("mgi,mgj->gij", flat, flat)
+        return gram(a)
 
 
 class LinearRule(KroneckerRule):
