@@ -94,7 +94,11 @@ def bench_kronecker(sizes: list[int], columns: list[int], repeats: int, g) -> li
         for k in columns:
             X = torch.randn(n, k, generator=g, dtype=torch.float64)
             torch.testing.assert_close(kron @ X, dense @ X)  # same result before timing
-            t = interleaved({"ours": lambda: kron @ X, "baseline": lambda: dense @ X}, repeats)
+            fns = {
+                "ours": lambda kron=kron, X=X: kron @ X,
+                "baseline": lambda dense=dense, X=X: dense @ X,
+            }
+            t = interleaved(fns, repeats)
             rows.append(
                 dict(
                     benchmark="kronecker_matvec",
