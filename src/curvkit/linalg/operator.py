@@ -57,7 +57,7 @@ class LinearOperator:
             raise ValueError(f"{type(self).__name__}: shape must be non-negative; got {shape}.")
         self.shape = (m, n)
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = _canonical_device(device)
         self.in_shapes = None if in_shapes is None else [torch.Size(s) for s in in_shapes]
         if out_shapes is None and self.in_shapes is not None and m == n:
             out_shapes = self.in_shapes
@@ -285,6 +285,14 @@ def _as_block(x: Operand, op: LinearOperator, *, transpose: bool):
     raise TypeError(
         f"{name}: expected a tensor, a list of tensors or a LinearOperator; got {type(x).__name__}."
     )
+
+
+def _canonical_device(device: torch.device | str) -> torch.device:
+    """``cuda`` → ``cuda:0`` (the current index), so that it compares equal to tensors' devices."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "meta") and device.index is None:
+        return torch.empty(0, device=device).device
+    return device
 
 
 def _check_tensor(x: Tensor, op: LinearOperator, name: str) -> None:
