@@ -323,3 +323,27 @@ def test_nystrom_pcg_converges_faster_than_cg():
         nystrom_pcg(
             decaying_psd(10, g, rank=2)[0], torch.ones(10, dtype=F64), rank=4, generator=gen(0)
         )
+
+
+def test_solve_operator_keeps_parameter_shapes_and_moves():
+    g = gen(17)
+    A = random_spd(7, g)
+    op = MatmatOnly(A, symmetric=True, in_shapes=[(2, 2), (3,)])
+    op.is_psd = True
+    inv = op.inverse(damping=0.2, rtol=1e-12)
+    assert inv.in_shapes == op.in_shapes and inv.shape == (7, 7)
+    b = [randn(2, 2, g=g), randn(3, g=g)]
+    x = inv @ b
+    flat = torch.cat([t.flatten() for t in b])
+    ref = torch.linalg.solve(A + 0.2 * eye(7), flat)
+    assert [tuple(t.shape) for t in x] == [(2, 2), (3,)]
+    torch.testing.assert_close(torch.cat([t.flatten() for t in x]), ref)
+    # Structured operators keep their exact inverse; a sum falls back on the solver.
+    total = Dense(A, psd=True) + Dense(eye(7), psd=True)
+    torch.testing.assert_close(
+        total.inverse(0.1, rtol=1e-12) @ flat, torch.linalg.solve(A + 1.1 * eye(7), flat)
+    )
+    with pytest.raises(
+        TypeError, match="return_info and x0 are not options of an inverse operator"
+    ):
+        op.inverse(return_info=True)
