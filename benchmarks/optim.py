@@ -1,0 +1,426 @@
+"""Structured optimizers vs AdamW on a small byte-level transformer LM (Python stdlib sources).
+
+Measures, in one run:
+  * validation loss against steps and against wall-clock for each method, with a short
+    learning-rate sweep (the best learning rate per method is reported and plotted);
+  * steps to reach AdamW's final validation loss (ratio to AdamW's step count);
+  * full training-step time and optimizer-step time, interleaved across methods and repeated
+    (medians), as multiples of AdamW's;
+  * optimizer-state memory as multiples of AdamW's, and bf16 vs float32 state;
+  * the basis refresh alone at dimension --refresh-dim: subspace QR vs full QR (medians).
+
+Default sizes are the issue's (4 layers, width 256, context 128); ``--quick`` is a smoke test.
+
+    python benchmarks/optim.py --quick
+    python benchmarks/optim.py --layers 2 --width 128 --context 64 --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lm_data import load_stdlib_bytes, sample_batch  # noqa: E402
+
+from curvkit.optim import KLSOAP, SOAP, KLShampoo, Muon, Shampoo, muon_param_groups  # noqa: E402
+from curvkit.optim._basis import refresh  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+# --------------------------------------------------------------------------- model
+class Block(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.fc = nn.Linear(width, 4 * width)
+        self.fc_out = nn.Linear(4 * width, width)
+        self.heads = heads
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        shape = (B, T, self.heads, C // self.heads)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
+
+
+class ByteLM(nn.Module):
+    def __init__(self, layers, width, heads, context, vocab=256):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.zeros(context, width))
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+        nn.init.normal_(self.pos, std=0.02)
+
+    def forward(self, idx):
+        x = self.embed(idx) + self.pos[: idx.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+# --------------------------------------------------------------------------- methods
+def torch_muon(model, lr):
+    groups = muon_param_groups(model)
+    hidden = [g for g in groups if g["use_muon"]][0]["params"]
+    rest = [g for g in groups if not g["use_muon"]][0]["params"]
+    muon = torch.optim.Muon(hidden, lr=lr, weight_decay=0.01, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW(rest, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    return _Pair(muon, adamw)
+
+
+class _Pair:
+    """Two torch optimizers stepped together (torch.optim.Muon handles only matrices)."""
+
+    def __init__(self, a, b):
+        self.opts = (a, b)
+        self.param_groups = a.param_groups + b.param_groups
+        self.state = {**a.state, **b.state}
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+        self.state = {**self.opts[0].state, **self.opts[1].state}
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+def heavyball_soap(model, lr):
+    import heavyball  # optional; only used when installed
+    import heavyball.utils
+
+    # torch.compile's CPU autotuning takes minutes per kernel on 2 cores: run it eagerly
+    heavyball.utils.compile_mode = None
+    heavyball.utils.compile_mode_recommended_to_none = None
+    return heavyball.SOAP(model.parameters(), lr=lr, precondition_frequency=10,
+                          weight_decay=0.01)
+
+
+def build_methods(freq):
+    bf16 = torch.bfloat16
+    return {
+        "adamw": lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95),
+                                                 weight_decay=0.01),
+        "shampoo": lambda m, lr: Shampoo(m.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-10,
+                                         precondition_frequency=freq),
+        "soap": lambda m, lr: SOAP(m.parameters(), lr=lr, betas=(0.9, 0.95),
+                                   precondition_frequency=freq),
+        "klshampoo": lambda m, lr: KLShampoo(m.parameters(), lr=lr, betas=(0.9, 0.95),
+                                             precondition_frequency=freq),
+        "klsoap": lambda m, lr: KLSOAP(m.parameters(), lr=lr, betas=(0.9, 0.95),
+                                       precondition_frequency=freq),
+        "muon": lambda m, lr: Muon(muon_param_groups(m), lr=lr, adamw_lr=lr,
+                                   adjust_lr="match_rms_adamw", weight_decay=0.01,
+                                   adamw_weight_decay=0.01, ns_dtype=None),
+        "soap_bf16": lambda m, lr: SOAP(m.parameters(), lr=lr, betas=(0.9, 0.95),
+                                        precondition_frequency=freq, state_dtype=bf16),
+        "klsoap_bf16": lambda m, lr: KLSOAP(m.parameters(), lr=lr, betas=(0.9, 0.95),
+                                            precondition_frequency=freq, state_dtype=bf16),
+        "soap_subspace": lambda m, lr: SOAP(m.parameters(), lr=lr, betas=(0.9, 0.95),
+                                            precondition_frequency=max(1, freq // 5),
+                                            basis_update="subspace"),
+        "torch_muon": torch_muon,
+        "heavyball_soap": heavyball_soap,
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+def state_bytes(opt):
+    total = 0
+
+    def walk(v):
+        nonlocal total
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+
+    for s in opt.state.values():
+        walk(s)
+    return total
+
+
+def lr_at(step, steps, warmup):
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_schedule(opt, base, factor):
+    for group, values in zip(opt.param_groups, base):
+        for key, value in values.items():
+            group[key] = value * factor
+
+
+@torch.no_grad()
+def evaluate(model, val_batches):
+    return statistics.fmean(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+                            for x, y in val_batches)
+
+
+def train_run(name, make, lr, args, data, val_batches):
+    torch.manual_seed(args.seed)
+    model = ByteLM(args.layers, args.width, args.heads, args.context)
+    opt = make(model, lr)
+    base = [{k: g[k] for k in ("lr", "adamw_lr") if k in g} for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    curve, wall, step_times, opt_times = [], 0.0, [], []
+    warmup = max(1, args.steps // 10)
+    for step in range(args.steps):
+        x, y = sample_batch(data, args.batch, args.context, gen)
+        set_schedule(opt, base, lr_at(step, args.steps, warmup))
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t1 = time.perf_counter()
+        opt.step()
+        t2 = time.perf_counter()
+        wall += t2 - t0
+        step_times.append(t2 - t0)
+        opt_times.append(t2 - t1)
+        if not math.isfinite(loss.item()):
+            curve.append((step + 1, wall, float("nan")))
+            break
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            curve.append((step + 1, wall, evaluate(model, val_batches)))
+    return dict(method=name, lr=lr, curve=curve, final=curve[-1][2],
+                state_bytes=state_bytes(opt),
+                median_step_s=statistics.median(step_times[5:] or step_times),
+                median_opt_s=statistics.median(opt_times[5:] or opt_times))
+
+
+def interleaved_timing(methods, args, data, lrs):
+    """Per method: `steps_per_round` consecutive steps (covering refreshes), round-robin."""
+    runs = {}
+    for name in methods:
+        torch.manual_seed(args.seed)
+        model = ByteLM(args.layers, args.width, args.heads, args.context)
+        runs[name] = (model, methods[name](model, lrs[name]))
+    gen = torch.Generator().manual_seed(7)
+    batch = sample_batch(data, args.batch, args.context, gen)
+    full = {n: [] for n in runs}
+    only = {n: [] for n in runs}
+    for model, opt in runs.values():  # warm-up past initialisation steps
+        for _ in range(2):
+            loss = F.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for _ in range(args.timing_rounds):
+        for name, (model, opt) in runs.items():
+            t_full = t_opt = 0.0
+            for _ in range(args.timing_steps):
+                t0 = time.perf_counter()
+                loss = F.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten())
+                opt.zero_grad()
+                loss.backward()
+                t1 = time.perf_counter()
+                opt.step()
+                t2 = time.perf_counter()
+                t_full += t2 - t0
+                t_opt += t2 - t1
+            full[name].append(t_full / args.timing_steps)
+            only[name].append(t_opt / args.timing_steps)
+    return ({n: statistics.median(v) for n, v in full.items()},
+            {n: statistics.median(v) for n, v in only.items()})
+
+
+def refresh_timing(dim, rank, repeats):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(dim, dim, generator=g)
+    S = A @ A.T / dim
+    Q = torch.linalg.qr(torch.randn(dim, dim, generator=g))[0]
+    P = Q.T @ S @ Q
+    cases = {
+        "full_qr_P": lambda: refresh(Q, P, method="qr", sort=True),
+        "soap_qr_SQ": lambda: torch.linalg.qr(S @ Q),
+        "subspace_qr": lambda: refresh(Q, P, method="subspace", sort=False, rank=rank),
+    }
+    times = {n: [] for n in cases}
+    for _ in range(repeats):
+        for n, f in cases.items():
+            t0 = time.perf_counter()
+            f()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def steps_to_reach(curve, target):
+    for step, _, loss in curve:
+        if loss <= target:
+            return step
+    return None
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--val-batches", type=int, default=8)
+    ap.add_argument("--precondition-frequency", type=int, default=10)
+    ap.add_argument("--methods", default="adamw,shampoo,soap,klshampoo,klsoap,muon,soap_bf16,"
+                    "klsoap_bf16,soap_subspace,torch_muon,heavyball_soap")
+    ap.add_argument("--lrs", default="adamw=1e-3,3e-3;shampoo=1e-3,3e-3;soap=1e-3,3e-3;"
+                    "klshampoo=1e-3,3e-3;klsoap=1e-3,3e-3;muon=3e-3,1e-2;soap_bf16=best:soap;"
+                    "klsoap_bf16=best:klsoap;soap_subspace=best:soap;torch_muon=best:muon;"
+                    "heavyball_soap=best:soap",
+                    help="per method: comma-separated learning rates, or best:<method>")
+    ap.add_argument("--timing-rounds", type=int, default=3)
+    ap.add_argument("--timing-steps", type=int, default=10)
+    ap.add_argument("--refresh-dim", type=int, default=1024)
+    ap.add_argument("--refresh-repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny smoke-test configuration")
+    ap.add_argument("--out", default=str(RESULTS / "optim"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.layers, args.width, args.heads, args.context, args.batch = 1, 32, 2, 32, 8
+        args.steps, args.eval_every, args.val_batches = 30, 10, 2
+        args.timing_rounds, args.timing_steps = 1, 3
+        args.refresh_dim, args.refresh_repeats = 256, 2
+        args.lrs = ";".join(f"{m}=3e-3" for m in args.methods.split(","))
+    torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision("highest")
+
+    train, val, data_info = load_stdlib_bytes()
+    vgen = torch.Generator().manual_seed(123)
+    val_batches = [sample_batch(val, args.batch, args.context, vgen)
+                   for _ in range(args.val_batches)]
+    all_methods = build_methods(args.precondition_frequency)
+    names = [m for m in args.methods.split(",") if m]
+    try:
+        import heavyball  # noqa: F401
+    except ImportError:
+        names = [n for n in names if n != "heavyball_soap"]
+    lr_spec = dict(item.split("=") for item in args.lrs.split(";"))
+
+    runs, best = [], {}
+    for name in names:
+        spec = lr_spec.get(name, "3e-3")
+        lrs = [best[spec[5:]]["lr"]] if spec.startswith("best:") else \
+            [float(v) for v in spec.split(",")]
+        for lr in lrs:
+            t0 = time.perf_counter()
+            try:
+                run = train_run(name, all_methods[name], lr, args, train, val_batches)
+            except Exception as exc:  # record an optional baseline's failure, keep going
+                print(f"{name} lr={lr}: failed: {exc!r}")
+                continue
+            runs.append(run)
+            print(f"{name:15s} lr={lr:g} final val {run['final']:.4f} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            if run["final"] == run["final"] and (
+                    name not in best or run["final"] < best[name]["final"]):
+                best[name] = run
+
+    timed = {n: all_methods[n] for n in best}
+    full, only = interleaved_timing(timed, args, train, {n: best[n]["lr"] for n in best})
+    rank = max(64, math.ceil(args.refresh_dim / 4))
+    refresh_times = refresh_timing(args.refresh_dim, rank, args.refresh_repeats)
+
+    adam = best["adamw"]
+    adam_steps = adam["curve"][-1][0]
+    rows = []
+    for n, r in best.items():
+        reach = steps_to_reach(r["curve"], adam["final"])
+        rows.append(dict(
+            method=n, lr=r["lr"], final_val_loss=r["final"],
+            steps_to_adamw_final=reach,
+            steps_ratio=None if reach is None else reach / adam_steps,
+            step_time_s=full[n], step_time_ratio=full[n] / full["adamw"],
+            opt_time_s=only[n], opt_time_ratio=only[n] / only["adamw"],
+            state_bytes=r["state_bytes"], state_ratio=r["state_bytes"] / adam["state_bytes"]))
+    print(f"\n{'method':15s} {'lr':>7s} {'val':>7s} {'steps→adam':>10s} {'ratio':>6s} "
+          f"{'step×':>6s} {'opt×':>6s} {'mem×':>6s}")
+    for row in rows:
+        ratio = "-" if row["steps_ratio"] is None else f"{row['steps_ratio']:.2f}"
+        print(f"{row['method']:15s} {row['lr']:7.0e} {row['final_val_loss']:7.4f} "
+              f"{str(row['steps_to_adamw_final']):>10s} {ratio:>6s} "
+              f"{row['step_time_ratio']:6.2f} {row['opt_time_ratio']:6.2f} "
+              f"{row['state_ratio']:6.2f}")
+    print(f"\nrefresh at d={args.refresh_dim}: " + ", ".join(
+        f"{k} {v * 1e3:.1f} ms" for k, v in refresh_times.items()))
+    print(f"subspace speed-up vs full QR (P-coordinates): "
+          f"{refresh_times['full_qr_P'] / refresh_times['subspace_qr']:.2f}x; vs SOAP qr(SQ): "
+          f"{refresh_times['soap_qr_SQ'] / refresh_times['subspace_qr']:.2f}x")
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    out = dict(
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        device=f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores, "
+               f"{args.threads} torch threads",
+        torch=torch.__version__, commit=commit, command=" ".join(sys.argv),
+        config=vars(args), data=data_info, rows=rows, refresh_times_s=refresh_times,
+        refresh_rank=rank, runs=runs)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(out, indent=1))
+    plot(best, args.out + ".png")
+    print(f"wrote {args.out}.json and {args.out}.png")
+
+
+def plot(best, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for n, r in best.items():
+        steps, wall, loss = zip(*r["curve"])
+        style = "--" if n in ("adamw",) else "-"
+        axes[0].plot(steps, loss, style, label=f"{n} (lr {r['lr']:g})")
+        axes[1].plot(wall, loss, style, label=n)
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("training wall-clock (s)")
+    for ax in axes:
+        ax.set_ylabel("validation loss (nats/byte)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("byte-level LM on Python stdlib sources: best learning rate per method")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
