@@ -187,3 +187,19 @@ def test_estimator_errors():
         diagonal(op, method="xtrace", num_matvecs=4)
     with pytest.raises(TypeError, match="frobenius_norm: expected a curvkit.linalg.LinearOperator"):
         frobenius_norm(torch.eye(3), num_matvecs=3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_estimators_on_tiny_operators(n):
+    M = randn(n, n, g=gen(18))
+    op = MatmatOnly(M)
+    torch.testing.assert_close(
+        trace(op, method="xtrace", num_matvecs=2 * n + 2, generator=gen(0)), M.trace()
+    )
+    torch.testing.assert_close(
+        diagonal(op, method="xdiag", num_matvecs=max(4, 2 * n), generator=gen(0)), M.diagonal()
+    )
+    torch.testing.assert_close(
+        trace(op, method="hutch++", num_matvecs=3 * n, generator=gen(0)), M.trace()
+    )
+    assert torch.isfinite(trace(op, num_matvecs=3, generator=gen(0)))

@@ -77,12 +77,22 @@ def _xsketch(A, n, m, distribution, generator, caller):
     return Om, Y, Q, R
 
 
+def _exact_if_budget_covers(A, n, m):
+    """``A`` itself, from ``n`` unit-vector products, when ``m/2`` probes would span the space."""
+    if m // 2 >= n:
+        return A._matmat(torch.eye(n, dtype=A.dtype, device=A.device))
+    return None
+
+
 def _trace_xtrace(A, n, m, distribution, generator):
     # Exchangeable Hutch++ (Epperly, Tropp & Webber 2024): for each probe ω_i, deflate with the
     # basis of the other probes' sketch, so every probe serves both as sketch and as test
     # vector. With a = Qᵀω_i, b = Qᵀ A ω_i, c = Qᵀ Aᵀ ω_i, M = Qᵀ A Q and P̃_i the projector of
     # the leave-one-out basis in Q-coordinates, the i-th estimate is
     #   tr(P̃_i M) + ω_iᵀ A ω_i − aᵀ P̃_i b − cᵀ P̃_i a + aᵀ P̃_i M P̃_i a.
+    dense = _exact_if_budget_covers(A, n, m)
+    if dense is not None:
+        return dense.trace()
     Om, Y, Q, R = _xsketch(A, n, m, distribution, generator, "trace")
     Z = A._matmat(Q)
     M = Q.T @ Z
@@ -125,7 +135,8 @@ def trace(
       and apply Hutchinson to the rest; error ``O(1/m)`` for PSD ``A``; exact when
       ``rank(A) <= m/3``.
     - ``"xtrace"``: the exchangeable version of Hutch++, using every probe both in the sketch and
-      as a test vector (``m/2`` probes, ``m`` products); exact when ``rank(A) < m/2 − 1``.
+      as a test vector (``m/2`` probes, ``m`` products); exact when ``rank(A) < m/2 − 1``
+      (and computed exactly from ``n`` products when ``m/2 >= n``).
 
     All three are unbiased and take non-symmetric operators.
 
@@ -166,6 +177,9 @@ def _diag_xdiag(A, n, m, distribution, generator):
     # diag(P_i A) exactly plus the Hutchinson estimate ω_i ⊙ (I − P_i) A ω_i of the remainder,
     # with P_i the projector onto the other probes' sketch. Averaged over i, the first term is
     # diag(Q P̄ Qᵀ A) with P̄ the mean projector, so it needs one product with Aᵀ Q.
+    dense = _exact_if_budget_covers(A, n, m)
+    if dense is not None:
+        return dense.diagonal()
     Om, Y, Q, R = _xsketch(A, n, m, distribution, generator, "diagonal")
     t = Om.shape[1]
     AtQ = A._rmatmat(Q)  # (n, t)
@@ -199,7 +213,8 @@ def diagonal(
     - ``"hutchinson"``: ``mean_i vᵢ ⊙ A vᵢ``; unbiased; with Rademacher probes it is exact for
       diagonal ``A``.
     - ``"xdiag"``: exchangeable sketch-and-deflate (``m/2`` probes, ``m`` products, one of them
-      batch with ``Aᵀ``); exact when ``rank(A) < m/2 − 1``.
+      batch with ``Aᵀ``); exact when ``rank(A) < m/2 − 1`` (and computed exactly from ``n``
+      products when ``m/2 >= n``).
 
     Args:
         A: Square operator ``(n, n)``.
