@@ -126,3 +126,16 @@ def test_params_subset_and_progress_bar():
     # only the bias of a layer: its block is the output factor G alone
     bias_only = KFAC(model, nn.CrossEntropyLoss(), data, params=[model[2].bias]).to_dense()
     torch.testing.assert_close(bias_only, full.factors["2"]["G"][0])
+
+
+def test_params_mapping_evaluates_at_other_values():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 2))
+    data = class_data((3,), 2)
+    shifted = {n: p.detach() + 0.1 for n, p in model.named_parameters()}
+    at_shifted = KFAC(model, nn.CrossEntropyLoss(), data, params=shifted).to_dense()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(shifted[n])
+    torch.testing.assert_close(at_shifted, KFAC(model, nn.CrossEntropyLoss(), data).to_dense())
+    assert all(p.grad is None for p in model.parameters())

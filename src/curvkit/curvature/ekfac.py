@@ -59,11 +59,21 @@ class EKFAC(KFAC):
             raise ValueError("EKFAC: fisher='forward_only' has no backpropagated gradients to "
                              "correct the eigenvalues with; use KFAC or another fisher.")
         super().compute()
+        self._eigenbases()
+        self._correct()
+        return self
+
+    def _eigenbases(self) -> None:
+        """Eigenvectors of every Kronecker factor (batched over convolution groups)."""
+        for spec in self.specs:
+            if spec.kind == "kron":
+                f = self.factors[spec.path]
+                f["QA"] = torch.linalg.eigh(f["A"])[1]
+                f["QG"] = torch.linalg.eigh(f["G"])[1]
+
+    def _correct(self) -> None:
+        """The correction pass: second moments of the rotated per-example gradients."""
         kron = [s for s in self.specs if s.kind == "kron"]
-        for spec in kron:
-            f = self.factors[spec.path]
-            f["QA"] = torch.linalg.eigh(f["A"])[1]
-            f["QG"] = torch.linalg.eigh(f["G"])[1]
         fp = self._make_pass(per_example=True)
         fp.check = False
         gen = self._generator()  # the same labels as the factor pass
@@ -95,7 +105,6 @@ class EKFAC(KFAC):
             if spec.bias is not None and not spec.joint:
                 f["Eb"] = next(totals)
         self._build()
-        return self
 
     @staticmethod
     def _second_moments(plan, a: Tensor, g: Tensor) -> list[Tensor]:

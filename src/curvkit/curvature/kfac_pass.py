@@ -82,7 +82,10 @@ def plan_layers(model: nn.Module, params: dict[str, Tensor], *, separate_bias: b
         ValueError: If one parameter belongs to two modules with rules (weight tying across
             modules, e.g. an embedding tied to the output layer).
     """
-    name_of = {id(p): n for n, p in params.items()}
+    # Match modules to selected parameters by the model's own parameter names (``params`` may
+    # hold other tensors of the same shapes, e.g. a different point), deduplicated as
+    # ``named_parameters`` does, so a tensor shared by two modules has one name.
+    name_of = {id(p): n for n, p in model.named_parameters()}
     owner: dict[str, str] = {}
     layers, seen = [], set()
     for path, module in model.named_modules(remove_duplicate=False):
@@ -93,9 +96,9 @@ def plan_layers(model: nn.Module, params: dict[str, Tensor], *, separate_bias: b
         roles = {}
         for role in ("weight", "bias"):
             p = module._parameters.get(role)
-            if p is None or id(p) not in name_of:
+            name = None if p is None else name_of.get(id(p))
+            if name not in params:
                 continue
-            name = name_of[id(p)]
             if name in owner:
                 raise ValueError(
                     f"KFAC: parameter {name!r} is shared by modules {owner[name]!r} and {path!r} "
@@ -169,6 +172,9 @@ class FactorPass:
         self.per_example = per_example or approx == "reduce"
         self._active = False
         self._first = True
+        # Leaves of our own: gradients never reach the user's tensors, and ``params`` given
+        # as detached tensors still build a graph.
+        self.params = {n: p.detach().requires_grad_(True) for n, p in engine.params.items()}
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, plan: LayerPlan):
@@ -193,7 +199,7 @@ class FactorPass:
         handles = [p.module.register_forward_hook(self._hook(p)) for p in self.layers]
         self._active = True
         try:
-            out = self.engine.forward(batch.X)
+            out = self.engine.forward(batch.X, self.params)
         finally:
             self._active = False
             for h in handles:
@@ -206,7 +212,7 @@ class FactorPass:
     def _finalise_plan(self, batch: Batch) -> None:
         unused = [p for p in self.layers if not p.calls]
         for plan in unused:  # parameters used outside the module's own forward
-            self.others.extend(plan.roles and [getattr(plan, r) for r in plan.roles])
+            self.others.extend(getattr(plan, r) for r in plan.roles)
         self.layers = [p for p in self.layers if p.calls]
         order = list(self.engine.params)
         self.others.sort(key=order.index)
@@ -299,7 +305,7 @@ class FactorPass:
     def verify(self, out: Tensor, v: Tensor, a_list: list[Tensor | None]) -> None:
         """Raise if the hooked calls do not reproduce a planned parameter's gradient ``Jᵀv``."""
         names = [n for plan in self.layers for n in (plan.weight, plan.bias) if n is not None]
-        grads, true = self.backward(out, v, [self.engine.params[n] for n in names], retain=True)
+        grads, true = self.backward(out, v, [self.params[n] for n in names], retain=True)
         true = dict(zip(names, true))
         for plan, g_calls, a in zip(self.layers, grads, a_list):
             rebuilt = {}
