@@ -171,14 +171,20 @@ def main():
     history = {n: dict(step=[], loss=[], wall=[]) for n in names}
     step_times = {n: [] for n in names}
     wall = dict.fromkeys(names, 0.0)
+    diverged: dict[str, int] = {}
     gen = torch.Generator().manual_seed(args.seed + 1)
     for t, (x, y) in enumerate(batches(train, steps=args.steps, batch=args.batch, seq=args.seq,
                                        generator=gen)):
         x, y = x.to(device), y.to(device)
         for n in names:  # round-robin: the machine's load falls on every optimizer alike
+            if n in diverged:
+                continue
             start = time.perf_counter()
             opts[n].zero_grad()
             loss = loss_of(models[n], x, y)
+            if not torch.isfinite(loss):
+                diverged[n] = t + 1
+                continue
             loss.backward()
             opts[n].step()
             if device.type == "cuda":
@@ -187,11 +193,12 @@ def main():
             step_times[n].append(elapsed)
             wall[n] += elapsed
             history[n]["step"].append(t + 1)
-            history[n]["loss"].append(float(loss))
+            history[n]["loss"].append(float(loss.detach()))
             history[n]["wall"].append(wall[n])
         if (t + 1) % max(1, args.steps // 10) == 0:
             print(f"step {t + 1:5d} " + "  ".join(f"{n} {history[n]['loss'][-1]:.3f}"
-                                                  for n in names), flush=True)
+                                                  for n in names if n not in diverged),
+                  flush=True)
     eval_gen = torch.Generator().manual_seed(args.seed + 2)
     eval_batches = list(batches(valid, steps=args.eval_batches, batch=args.batch, seq=args.seq,
                                 generator=eval_gen))
@@ -207,7 +214,7 @@ def main():
                          valid_loss=val, valid_bits_per_byte=val / math.log(2),
                          median_step_s=median_step,
                          step_time_ratio_vs_adamw=median_step / adam_time,
-                         total_wall_s=wall[n]))
+                         total_wall_s=wall[n], diverged_at_step=diverged.get(n)))
     print(f"{'optimizer':22} {'train(last10%)':>14} {'valid':>8} {'bpb':>6} {'step ms':>8} "
           f"{'/AdamW':>7}")
     for r in rows:

@@ -274,7 +274,8 @@ class SpectralShampoo(KroneckerOptimizer):
         retraction: ``"exp"``, ``"cayley"`` or ``"taylor"``.
         max_log_step: Clip of the log-eigenvalue steps.
         max_rotation: Clip of the rotation entries.
-        init_eps: Relative eigenvalue floor at the ``eigh`` initialisation.
+        init_eps: Relative eigenvalue floor at the ``eigh`` initialisation (the first statistic
+            is rank-deficient; a tiny floor would amplify its null space until ``d`` adapts).
         update_frequency: Steps over which the statistics are averaged between two factor
             updates (each update is one Riemannian step; 1 updates every step).
         orthogonalize_frequency: Factor updates between polar corrections of float32/float64
@@ -298,7 +299,7 @@ class SpectralShampoo(KroneckerOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), beta: float = 0.05,
                  kappa: float = 1e-3, eps: float = 1e-8, root: float | None = None,
                  target: Literal["kl", "shampoo"] = "kl", retraction: Retraction = "exp",
-                 max_log_step: float = 1.0, max_rotation: float = 0.1, init_eps: float = 1e-6,
+                 max_log_step: float = 1.0, max_rotation: float = 0.1, init_eps: float = 1e-2,
                  update_frequency: int = 1, orthogonalize_frequency: int = 20,
                  weight_decay: float = 0.0,
                  max_preconditioner_dim: int = 4096, state_dtype: torch.dtype | None = None,
