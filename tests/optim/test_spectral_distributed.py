@@ -1,0 +1,60 @@
+"""SpectralShampoo and Symo under torch.distributed (two gloo processes) equal one process."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from curvkit.optim.spectral import SpectralShampoo
+from curvkit.optim.symmetry_precond import Symo
+
+BUILDERS = {
+    "spectral_kl": lambda p: SpectralShampoo(p, lr=1e-2),
+    "spectral_shampoo_bf16": lambda p: SpectralShampoo(p, lr=1e-2, target="shampoo",
+                                                       state_dtype=torch.bfloat16),
+    "symo": lambda p: Symo(p, lr=1e-2, precondition_frequency=2),
+}
+
+
+def run(name, steps=4):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2))
+    opt = BUILDERS[name](model.parameters())
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(6, 4, generator=g), torch.randn(6, 2, generator=g)
+        opt.zero_grad()
+        (model(x) - y).square().mean().backward()  # the same gradient on every rank
+        opt.step()
+    holding = sum(1 for s in opt.state.values() if s)
+    return [p.detach().clone() for p in model.parameters()], holding
+
+
+def _worker(rank, world_size, init_file, out_dir):
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size)
+    try:
+        torch.save({name: run(name) for name in BUILDERS}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_match_one_and_split_the_state(tmp_path):
+    mp.start_processes(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
+                       join=True, start_method="fork")
+    for name in BUILDERS:
+        expected, holding = run(name)
+        assert holding == 6
+        per_rank = []
+        for rank in range(2):
+            params, count = torch.load(tmp_path / f"{rank}.pt")[name]
+            per_rank.append(count)
+            for got, want in zip(params, expected):
+                assert torch.equal(got, want), (name, rank)
+        assert per_rank == [3, 3]
