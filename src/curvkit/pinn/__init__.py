@@ -1,6 +1,7 @@
 """Physics-informed networks trained by energy natural gradients (ENGD, ENGD-Woodbury, SPRING)."""
 
 from curvkit.pinn.engd import ENGD, HessianFree, line_search
+from curvkit.pinn.history import History, plot_histories
 from curvkit.pinn.jacobian import DenseResidualJacobian, ResidualJacobian, linearize
 from curvkit.pinn.problems import (
     Batch,
@@ -14,6 +15,7 @@ from curvkit.pinn.problems import (
 )
 from curvkit.pinn.residuals import Sin, derivatives, loss, residuals
 from curvkit.pinn.solves import kernel_solve
+from curvkit.pinn.train import train
 from curvkit.pinn.woodbury import SPRING, ENGDWoodbury
 
 __all__ = [
@@ -38,4 +40,7 @@ __all__ = [
     "HessianFree",
     "line_search",
     "kernel_solve",
+    "train",
+    "History",
+    "plot_histories",
 ]

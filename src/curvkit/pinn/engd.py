@@ -25,8 +25,8 @@ from torch.optim import Optimizer
 
 from curvkit.linalg import ConvergenceWarning, LinearOperator, cg
 from curvkit.pinn.jacobian import linearize
-from curvkit.pinn.problems import Batch, Derivatives, Problem
-from curvkit.pinn.residuals import forward_laplacian, functional_residuals, mlp_structure
+from curvkit.pinn.problems import Batch, Problem
+from curvkit.pinn.residuals import _mlp_derivatives, functional_residuals, mlp_structure
 from curvkit.pinn.solves import damped_cholesky_solve
 
 __all__ = ["ENGD", "HessianFree", "LINE_SEARCH_GRID", "line_search"]
@@ -43,13 +43,10 @@ def _loss_fn(model: nn.Module, problem: Problem, batch: Batch) -> Callable[[list
 
         def loss(params: list[Tensor]) -> float:
             with torch.no_grad():
-                Y, _ = forward_laplacian(
-                    structure, params, X_in, laplacian_dims=problem.laplacian_dims
-                )
-                d = Derivatives(Y[:, 0, 0], Y[:, 1:-1, 0], Y[:, -1, 0])
+                d = _mlp_derivatives(structure, params, X_in, problem.laplacian_dims)
                 r_in = problem.residual(X_in, d)
-                Yb, _ = forward_laplacian(structure, params, X_bd, order=0)
-                r_bd = Yb[:, 0, 0] - problem.boundary_target(X_bd)
+                u_bd = _mlp_derivatives(structure, params, X_bd, None, order=0).value
+                r_bd = u_bd - problem.boundary_target(X_bd)
                 return 0.5 * float(r_in.square().mean() + r_bd.square().mean())
 
         return loss

@@ -188,14 +188,45 @@ def forward_laplacian(
     return H, captured
 
 
-def _mlp_derivatives(
-    structure: MLPStructure,
-    params: Sequence[Tensor],
-    X: Tensor,
-    laplacian_dims: Sequence[int] | None,
-) -> Derivatives:
-    Y, _ = forward_laplacian(structure, params, X, laplacian_dims=laplacian_dims)
-    return Derivatives(Y[:, 0, 0], Y[:, 1:-1, 0], Y[:, -1, 0])
+def _mlp_derivatives(structure: MLPStructure, params: Sequence[Tensor], X: Tensor,
+                     laplacian_dims: Sequence[int] | None, order: int = 2) -> Derivatives:
+    """Value, gradient and Laplacian by the forward Laplacian, with the channels kept apart.
+
+    Same arithmetic as ``forward_laplacian`` but without concatenating channels or multiplying
+    the identity directions into the first layer (its directional derivatives are ``Wᵀ``
+    broadcast over the batch): the line search evaluates this 31 times per step.
+    """
+    N, D = X.shape
+    value, grads, lap = X, None, None  # grads: (N | 1, D, width); lap: (N | 1, width)
+    first = True
+    subset = None if laplacian_dims is None or len(laplacian_dims) == D else list(laplacian_dims)
+    for kind, item in structure.ops:
+        if kind == "linear":
+            w_index, b_index = item
+            W = params[w_index]
+            value = value @ W.T
+            if b_index is not None:
+                value = value + params[b_index]
+            if order >= 1:
+                grads = W.T.unsqueeze(0) if first else grads @ W.T
+            if order >= 2:
+                lap = None if first else lap @ W.T  # the input has no second-order part
+            first = False
+        else:
+            f0, f1, f2 = item(value)
+            value = f0
+            if order >= 1:
+                if order >= 2:
+                    sq = grads if subset is None else grads[:, subset]
+                    second = f2 * sq.square().sum(dim=1)
+                    lap = second if lap is None else f1 * lap + second
+                grads = f1.unsqueeze(1) * grads
+    value = value.reshape(N)
+    gradient = grads.expand(N, D, 1).reshape(N, D) if order >= 1 else None
+    laplacian = None
+    if order >= 2:
+        laplacian = X.new_zeros(N) if lap is None else lap.expand(N, 1).reshape(N)
+    return Derivatives(value, gradient, laplacian)
 
 
 # --------------------------------------------------------------------------- generic path

@@ -1,0 +1,198 @@
+"""``train``: fit a PINN to a problem with one of the natural-gradient methods or a baseline."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from curvkit.pinn.engd import ENGD, HessianFree
+from curvkit.pinn.history import History
+from curvkit.pinn.problems import Problem
+from curvkit.pinn.residuals import loss as pinn_loss
+from curvkit.pinn.woodbury import SPRING, ENGDWoodbury
+
+__all__ = ["train", "METHODS"]
+
+Method = Literal["spring", "engd_woodbury", "engd", "adam", "hessian_free"]
+METHODS = {
+    "spring": SPRING,
+    "engd_woodbury": ENGDWoodbury,
+    "engd": ENGD,
+    "hessian_free": HessianFree,
+    "adam": torch.optim.Adam,
+}
+
+
+def _make_optimizer(method: str, model: nn.Module, problem: Problem, options: dict):
+    if method == "adam":
+        return torch.optim.Adam(model.parameters(), **{"lr": 1e-3, **options})
+    return METHODS[method](model, problem, **options)
+
+
+def _adam_step(opt, model, problem, batch) -> float:
+    opt.zero_grad()
+    value = pinn_loss(model, problem, batch)
+    value.backward()
+    opt.step()
+    return float(value.detach())
+
+
+def train(
+    problem: Problem,
+    model: nn.Module | None = None,
+    method: Method = "spring",
+    *,
+    steps: int | None = None,
+    time_budget: float | None = None,
+    options: dict | None = None,
+    num_interior: int | None = None,
+    num_boundary: int | None = None,
+    resample: bool = True,
+    num_eval: int | None = None,
+    eval_every: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+    checkpoint: str | Path | None = None,
+    resume: str | Path | None = None,
+) -> History:
+    """Train a PINN and record loss, L2 error and wall-clock time.
+
+    Args:
+        problem: The PDE problem.
+        model: The network (trained in place); None builds ``problem.default_model`` seeded by
+            ``seed`` in float64.
+        method: ``"spring"``, ``"engd_woodbury"``, ``"engd"``, ``"hessian_free"`` or ``"adam"``.
+        steps: Stop after this many steps (in total, counting resumed ones).
+        time_budget: Stop once this many seconds of training time have passed (in total);
+            the step under way finishes. At least one of ``steps`` and ``time_budget`` is needed.
+        options: Keyword options of the optimizer (e.g. ``{"damping": 1e-10, "momentum": 0.5}``;
+            for Adam ``{"lr": 1e-3}``).
+        num_interior: Interior points per step (the problem's default when None).
+        num_boundary: Boundary points per step.
+        resample: Draw fresh points every step (else one fixed batch).
+        num_eval: Held-out interior points of the L2 error (default ``10 × num_interior``).
+        eval_every: Record every this many steps (and always the last one).
+        seed: Seeds the default model, the sampler and the held-out points.
+        progress: Show a tqdm progress bar.
+        checkpoint: Write ``{model, optimizer, sampler, history}`` here at the end (``torch.save``).
+        resume: Continue from a checkpoint written by an earlier call (same problem, method,
+            options and model architecture); the history continues where it stopped.
+
+    Returns:
+        The ``History`` (``loss``, ``l2_error``, ``time``, ``step``, ``step_size``).
+
+    Raises:
+        ValueError: Unknown method, no stopping criterion, or bad sizes.
+    """
+    if method not in METHODS:
+        raise ValueError(f"train: method must be one of {sorted(METHODS)}; got {method!r}.")
+    if steps is None and time_budget is None:
+        raise ValueError("train: pass steps=... or time_budget=... (got neither).")
+    if eval_every < 1:
+        raise ValueError(f"train: eval_every must be >= 1; got {eval_every}.")
+    options = dict(options or {})
+    if model is None:
+        model = problem.default_model(generator=torch.Generator().manual_seed(seed))
+    n_in = problem.num_interior if num_interior is None else int(num_interior)
+    n_bd = problem.num_boundary if num_boundary is None else int(num_boundary)
+    sampler = torch.Generator().manual_seed(seed + 1)
+    X_eval = problem.sample_interior(
+        10 * n_in if num_eval is None else int(num_eval),
+        generator=torch.Generator().manual_seed(seed + 2),
+    )
+    optimizer = _make_optimizer(method, model, problem, options)
+    fixed_batch = None if resample else problem.sample(n_in, n_bd, generator=sampler)
+
+    def next_batch():
+        if fixed_batch is not None:
+            return fixed_batch
+        return problem.sample(n_in, n_bd, generator=sampler)
+
+    if resume is not None:
+        state = torch.load(resume, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.set_state(state["sampler"])
+        if state["fixed_batch"] is not None:
+            fixed_batch = type(problem.sample(1, 1))(*state["fixed_batch"])
+        history = History.from_dict(state["history"])
+    else:
+        history = History(
+            meta={
+                "problem": problem.name,
+                "method": method,
+                "options": options,
+                "num_interior": n_in,
+                "num_boundary": n_bd,
+                "seed": seed,
+            }
+        )
+        with torch.no_grad():
+            initial = float(
+                pinn_loss(
+                    model,
+                    problem,
+                    problem.sample(n_in, n_bd, generator=torch.Generator().manual_seed(seed + 3)),
+                )
+            )
+        history.append(step=0, time=0.0, loss=initial, l2_error=problem.l2_error(model, X_eval))
+    step = history.step[-1]
+    elapsed = history.time[-1]
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = steps if steps is not None else None
+        bar = tqdm(total=total, initial=step, desc=f"{problem.name} {method}", unit="step")
+
+    def done() -> bool:
+        return (steps is not None and step >= steps) or (
+            time_budget is not None and elapsed >= time_budget
+        )
+
+    while not done():
+        start = time.perf_counter()
+        batch = next_batch()
+        if method == "adam":
+            value = _adam_step(optimizer, model, problem, batch)
+            eta = optimizer.param_groups[0]["lr"]
+        else:
+            value = optimizer.step(batch)
+            eta = optimizer.state[optimizer.param_groups[0]["params"][0]]["step_size"]
+        elapsed += time.perf_counter() - start
+        step += 1
+        if step % eval_every == 0 or done():
+            error = problem.l2_error(model, X_eval)
+            history.append(step=step, time=elapsed, loss=value, l2_error=error, step_size=eta)
+            if bar is not None:
+                bar.set_postfix(loss=f"{value:.2e}", l2=f"{error:.2e}")
+        if bar is not None:
+            bar.update(1)
+        if not math.isfinite(value):
+            warnings.warn(
+                f"train: the loss is {value} at step {step}; stopping.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            break
+    if bar is not None:
+        bar.close()
+    if checkpoint is not None:
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "sampler": sampler.get_state(),
+                "fixed_batch": None if fixed_batch is None else tuple(fixed_batch),
+                "history": history.to_dict(),
+            },
+            checkpoint,
+        )
+    return history

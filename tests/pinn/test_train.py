@@ -1,0 +1,92 @@
+import math
+
+import pytest
+
+from curvkit.pinn.history import History, plot_histories
+from curvkit.pinn.problems import poisson
+from curvkit.pinn.train import train
+
+SMALL = dict(num_interior=40, num_boundary=16, num_eval=500)
+
+
+def _problem():
+    return poisson(2, hidden=(8,))
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("engd_woodbury", {"damping": 1e-6}),
+        ("spring", {"damping": 1e-6, "momentum": 0.3}),
+        ("engd", {"damping": 1e-6}),
+        ("hessian_free", {"damping": 1e-6, "max_iter": 50}),
+        ("adam", {"lr": 1e-2}),
+    ],
+)
+def test_train_reduces_the_error_and_records_history(method, options):
+    h = train(_problem(), method=method, steps=6, options=options, **SMALL)
+    assert h.step == list(range(7))
+    assert len(h.loss) == len(h.l2_error) == len(h.time) == 7
+    assert all(b >= a for a, b in zip(h.time, h.time[1:]))
+    assert h.loss[-1] < h.loss[0]  # the loss on fresh batches falls
+    assert all(math.isfinite(e) for e in h.l2_error)
+    assert h.meta["method"] == method
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    problem = _problem()
+    opts = {"damping": 1e-6, "momentum": 0.5, "lr": 0.05}
+    full = train(problem, method="spring", steps=4, options=opts, **SMALL)
+    ckpt = tmp_path / "run.pt"
+    train(problem, method="spring", steps=2, options=opts, checkpoint=ckpt, **SMALL)
+    resumed = train(problem, method="spring", steps=4, options=opts, resume=ckpt, **SMALL)
+    assert resumed.step == full.step
+    assert resumed.loss == full.loss
+    assert resumed.l2_error == full.l2_error
+
+
+def test_time_budget_stops_training():
+    h = train(_problem(), method="engd_woodbury", time_budget=0.5, **SMALL)
+    assert h.time[-1] >= 0.5
+    assert h.step[-1] >= 1
+
+
+def test_fixed_batch_and_eval_every():
+    h = train(
+        _problem(),
+        method="engd_woodbury",
+        steps=5,
+        resample=False,
+        eval_every=2,
+        options={"damping": 1e-6},
+        **SMALL,
+    )
+    assert h.step == [0, 2, 4, 5]
+    # on a fixed batch the line search makes the batch loss monotone
+    assert all(b <= a for a, b in zip(h.loss[1:], h.loss[2:]))
+
+
+def test_history_roundtrip_and_plot(tmp_path):
+    h = History(meta={"method": "x"})
+    h.append(step=0, time=0.0, loss=1.0, l2_error=0.5)
+    h.append(step=1, time=1.5, loss=0.1, l2_error=0.01, step_size=0.25)
+    h.save(tmp_path / "h.json")
+    back = History.load(tmp_path / "h.json")
+    assert back.step == h.step and back.l2_error == h.l2_error and back.meta == h.meta
+    assert math.isnan(back.step_size[0]) and back.step_size[1] == 0.25
+    assert h.time_to_reach(0.02) == 1.5 and h.time_to_reach(1e-3) == math.inf
+    plot_histories({"a": h, "b": back}, tmp_path / "h.png")
+    h.plot(tmp_path / "single.png")
+    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_bar_runs(capsys):
+    train(_problem(), method="adam", steps=2, progress=True, **SMALL)
+    assert "poisson2d adam" in capsys.readouterr().err
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="train: method must be one of"):
+        train(_problem(), method="lbfgs", steps=1)
+    with pytest.raises(ValueError, match="train: pass steps"):
+        train(_problem(), method="adam")
