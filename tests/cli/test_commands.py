@@ -8,8 +8,13 @@ import pytest
 
 
 def curvkit(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "curvkit", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "curvkit", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 def test_version():
@@ -25,8 +30,20 @@ def test_check_agrees_with_dense():
 
 
 def test_report_writes_json_and_png(tmp_path):
-    out = curvkit("report", "--out", str(tmp_path / "r"), "--limit", "256", "--top-k", "3",
-                  "--num-matvecs", "12", "--train-seconds", "0.2", "--no-progress")
+    out = curvkit(
+        "report",
+        "--out",
+        str(tmp_path / "r"),
+        "--limit",
+        "256",
+        "--top-k",
+        "3",
+        "--num-matvecs",
+        "12",
+        "--train-seconds",
+        "0.2",
+        "--no-progress",
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert (tmp_path / "r" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -49,18 +66,40 @@ def test_report_user_factories(tmp_path):
         "    X = torch.randn(40, 4, generator=g)\n"
         "    return [(X[:25], torch.randint(0, 3, (25,), generator=g)), (X[25:], torch.randint(0, 3, (15,), generator=g))]\n"
     )
-    out = curvkit("report", "--model", "userprob:model", "--data", "userprob:data", "--out", "r",
-                  "--top-k", "2", "--num-matvecs", "8", "--no-progress", cwd=tmp_path)
+    out = curvkit(
+        "report",
+        "--model",
+        "userprob:model",
+        "--data",
+        "userprob:data",
+        "--out",
+        "r",
+        "--top-k",
+        "2",
+        "--num-matvecs",
+        "8",
+        "--no-progress",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
-    assert json.loads((tmp_path / "r" / "report.json").read_text())["num_params"] == 4 * 6 + 6 + 6 * 3 + 3
+    assert (
+        json.loads((tmp_path / "r" / "report.json").read_text())["num_params"]
+        == 4 * 6 + 6 + 6 * 3 + 3
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--model", "nosuchmodule:f", "--data", "nosuchmodule:g"), "cannot import module 'nosuchmodule'"),
-    (("--model", "json:loads"), "--model and --data go together"),
-    (("--model", "json"), "go together"),
-    (("--device", "cuda:7"), "no such CUDA device"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("--model", "nosuchmodule:f", "--data", "nosuchmodule:g"),
+            "cannot import module 'nosuchmodule'",
+        ),
+        (("--model", "json:loads"), "--model and --data go together"),
+        (("--model", "json"), "go together"),
+        (("--device", "cuda:7"), "no such CUDA device"),
+    ],
+)
 def test_report_bad_input_is_a_clear_error(tmp_path, args, message):
     out = curvkit("report", "--out", str(tmp_path), *args)
     assert out.returncode == 2

@@ -10,8 +10,13 @@ from torch import nn
 __all__ = ["digits_data", "digits_cnn", "train_briefly"]
 
 
-def digits_data(*, batch_size: int = 512, dtype: torch.dtype = torch.float32, device="cpu",
-                limit: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def digits_data(
+    *,
+    batch_size: int = 512,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    limit: int | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The 1797 8×8 digit images shipped with scikit-learn, as a list of ``(X, y)`` batches.
 
     Returns:
@@ -20,7 +25,9 @@ def digits_data(*, batch_size: int = 512, dtype: torch.dtype = torch.float32, de
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - scikit-learn is a dependency
-        raise ImportError("the built-in digits data needs scikit-learn: pip install scikit-learn") from err
+        raise ImportError(
+            "the built-in digits data needs scikit-learn: pip install scikit-learn"
+        ) from err
     digits = load_digits()
     X = torch.as_tensor(digits.images, dtype=dtype, device=device).unsqueeze(1) / 16.0
     y = torch.as_tensor(digits.target, device=device)
@@ -35,14 +42,26 @@ def digits_cnn(*, width: int = 8, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.ReLU(),
-            nn.Flatten(), nn.Linear(2 * width * 16, 32), nn.Tanh(), nn.Linear(32, 10),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(2 * width * 16, 32),
+            nn.Tanh(),
+            nn.Linear(32, 10),
         )
 
 
-def train_briefly(model: nn.Module, data, loss_fn: nn.Module, *, seconds: float = 3.0,
-                  max_epochs: int = 60, lr: float = 3e-3) -> nn.Module:
+def train_briefly(
+    model: nn.Module,
+    data,
+    loss_fn: nn.Module,
+    *,
+    seconds: float = 3.0,
+    max_epochs: int = 60,
+    lr: float = 3e-3,
+) -> nn.Module:
     """Train with Adam for at most ``seconds`` (or ``max_epochs``); return the model in eval mode."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()

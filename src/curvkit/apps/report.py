@@ -48,7 +48,9 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
 
 
-def _loss_and_gradient(model: nn.Module, loss_fn: nn.Module, data: Iterable) -> tuple[float, float, int]:
+def _loss_and_gradient(
+    model: nn.Module, loss_fn: nn.Module, data: Iterable
+) -> tuple[float, float, int]:
     """Loss over all data under the loss's reduction, and the gradient norm; one pass."""
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [torch.zeros_like(p) for p in params]
@@ -72,12 +74,20 @@ def _loss_and_gradient(model: nn.Module, loss_fn: nn.Module, data: Iterable) -> 
 
 def _loss_kwargs(loss_fn: nn.Module) -> dict:
     keys = {"ignore_index", "label_smoothing", "weight", "pos_weight"}
-    return {k: getattr(loss_fn, k) for k in keys if hasattr(loss_fn, k) and k in
-            type(loss_fn).__init__.__code__.co_varnames}
+    return {
+        k: getattr(loss_fn, k)
+        for k in keys
+        if hasattr(loss_fn, k) and k in type(loss_fn).__init__.__code__.co_varnames
+    }
 
 
-def curvature_report(model: nn.Module, loss_fn: nn.Module, data: list, options: ReportOptions | None = None,
-                     log=print) -> dict:
+def curvature_report(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: list,
+    options: ReportOptions | None = None,
+    log=print,
+) -> dict:
     """Compute the curvature report of ``model`` under ``loss_fn`` on ``data``.
 
     Args:
@@ -104,28 +114,45 @@ def curvature_report(model: nn.Module, loss_fn: nn.Module, data: list, options: 
         log(f"  {name:<34s} {timings[name]:6.2f} s")
         return out
 
-    loss, grad_norm, num_params = timed("loss and gradient", lambda: _loss_and_gradient(model, loss_fn, data))
+    loss, grad_norm, num_params = timed(
+        "loss and gradient", lambda: _loss_and_gradient(model, loss_fn, data)
+    )
     H = Hessian(model, loss_fn, data, **common)
     common["check_deterministic"] = False  # checked once above; the model does not change
     G = GGN(model, loss_fn, data, **common)
     k = min(opt.top_k, num_params - 1)
 
-    evals_H, evecs_H = timed("Hessian top eigenpairs", lambda: linalg.eigsh(H, k, which="LA", generator=gen(), tol=1e-4))
-    evals_G, evecs_G = timed("GGN top eigenpairs", lambda: linalg.eigsh(G, k, which="LA", generator=gen(), tol=1e-4))
+    evals_H, evecs_H = timed(
+        "Hessian top eigenpairs", lambda: linalg.eigsh(H, k, which="LA", generator=gen(), tol=1e-4)
+    )
+    evals_G, evecs_G = timed(
+        "GGN top eigenpairs", lambda: linalg.eigsh(G, k, which="LA", generator=gen(), tol=1e-4)
+    )
     overlap = (torch.linalg.norm(evecs_H.T @ evecs_G) ** 2 / k).item()
 
     traces = {}
     for name, op in (("hessian", H), ("ggn", G)):
         traces[name] = {
-            method: timed(f"{name} trace ({method})", lambda op=op, m=method: linalg.trace(
-                op, method=m, num_matvecs=opt.num_matvecs, generator=gen()).item())
+            method: timed(
+                f"{name} trace ({method})",
+                lambda op=op, m=method: linalg.trace(
+                    op, method=m, num_matvecs=opt.num_matvecs, generator=gen()
+                ).item(),
+            )
             for method in ("hutchinson", "hutch++", "xtrace")
         }
     diag_exact = timed("GGN exact diagonal", lambda: G.diagonal())
     traces["ggn"]["exact"] = diag_exact.sum().item()
     diag_est = {
-        method: _rel(timed(f"GGN diagonal ({method})", lambda m=method: linalg.diagonal(
-            G, method=m, num_matvecs=opt.num_matvecs, generator=gen())), diag_exact)
+        method: _rel(
+            timed(
+                f"GGN diagonal ({method})",
+                lambda m=method: linalg.diagonal(
+                    G, method=m, num_matvecs=opt.num_matvecs, generator=gen()
+                ),
+            ),
+            diag_exact,
+        )
         for method in ("hutchinson", "xdiag")
     }
 
@@ -133,17 +160,36 @@ def curvature_report(model: nn.Module, loss_fn: nn.Module, data: list, options: 
     GZ, GV = G @ Z, evals_G * evecs_G  # G V = V Λ for the eigenvectors
     kfac_quality = {}
     for name, cls in (("kfac", KFAC), ("ekfac", EKFAC)):
-        op = timed(f"{name.upper()} factors", lambda cls=cls: cls(model, loss_fn, data, fisher="type2", **common))
+        op = timed(
+            f"{name.upper()} factors",
+            lambda cls=cls: cls(model, loss_fn, data, fisher="type2", **common),
+        )
         kfac_quality[name] = {
             "top_eigenspace_rel_error": _rel(op @ evecs_G, GV),
             "random_directions_rel_error": _rel(op @ Z, GZ),
         }
 
-    grid_G, dens_G = timed("GGN spectral density (log)", lambda: linalg.spectral_density(
-        G, num_probes=opt.slq_probes, num_matvecs=opt.slq_matvecs, scale="log", generator=gen(),
-        kernel_width=0.02))
-    grid_H, dens_H = timed("Hessian spectral density", lambda: linalg.spectral_density(
-        H, num_probes=opt.slq_probes, num_matvecs=opt.slq_matvecs, scale="linear", generator=gen()))
+    grid_G, dens_G = timed(
+        "GGN spectral density (log)",
+        lambda: linalg.spectral_density(
+            G,
+            num_probes=opt.slq_probes,
+            num_matvecs=opt.slq_matvecs,
+            scale="log",
+            generator=gen(),
+            kernel_width=0.02,
+        ),
+    )
+    grid_H, dens_H = timed(
+        "Hessian spectral density",
+        lambda: linalg.spectral_density(
+            H,
+            num_probes=opt.slq_probes,
+            num_matvecs=opt.slq_matvecs,
+            scale="linear",
+            generator=gen(),
+        ),
+    )
 
     return {
         "num_params": num_params,
@@ -170,7 +216,9 @@ def plot_report(report: dict, path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     grid, dens = (t.cpu() for t in report["_arrays"]["ggn_density"])
     axes[0].semilogx(grid, dens)
-    axes[0].set(title="GGN spectral density (SLQ)", xlabel="eigenvalue", ylabel="density of log10 λ")
+    axes[0].set(
+        title="GGN spectral density (SLQ)", xlabel="eigenvalue", ylabel="density of log10 λ"
+    )
     grid, dens = (t.cpu() for t in report["_arrays"]["hessian_density"])
     axes[1].plot(grid, dens)
     axes[1].set_yscale("log")
@@ -180,8 +228,10 @@ def plot_report(report: dict, path) -> None:
     axes[2].bar(idx - 0.2, report["hessian_top_eigenvalues"], width=0.4, label="Hessian")
     axes[2].bar(idx + 0.2, report["ggn_top_eigenvalues"], width=0.4, label="GGN")
     axes[2].set_yscale("log")
-    axes[2].set(title=f"top-{k} eigenvalues (overlap {report['top_eigenspace_overlap_hessian_ggn']:.2f})",
-                xlabel="index")
+    axes[2].set(
+        title=f"top-{k} eigenvalues (overlap {report['top_eigenspace_overlap_hessian_ggn']:.2f})",
+        xlabel="index",
+    )
     axes[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

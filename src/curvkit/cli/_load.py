@@ -29,10 +29,13 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"--device: not a device name: {name!r}.") from err
-    if device.type == "cuda" and (not torch.cuda.is_available() or
-                                  (device.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"--device {name}: no such CUDA device on this machine "
-                         f"({torch.cuda.device_count()} available).")
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ValueError(
+            f"--device {name}: no such CUDA device on this machine "
+            f"({torch.cuda.device_count()} available)."
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: MPS is not available on this machine.")
     return device

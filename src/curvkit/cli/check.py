@@ -11,13 +11,16 @@ from curvkit.linalg import Diagonal, Kronecker, LowRank, cg, eigsh, trace
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``curvkit check``."""
-    parser.add_argument("--size", type=int, default=24, help="side of each Kronecker factor (n = size^2)")
+    parser.add_argument(
+        "--size", type=int, default=24, help="side of each Kronecker factor (n = size^2)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
 
 
 def _built_in_operator(size: int, dtype: torch.dtype, g: torch.Generator):
     """An SPD operator ``A ⊗ B + U diag(s) Uᵀ + diag(d)`` and its dense matrix, built independently."""
+
     def spd(n):
         M = torch.randn(n, n, generator=g, dtype=dtype)
         return M @ M.T / n + 0.1 * torch.eye(n, dtype=dtype)
@@ -48,14 +51,23 @@ def run(args: argparse.Namespace) -> int:
     rows.append(("cg solve A z = b", rel(cg(op, b, rtol=tol, max_iter=10 * n), x)))
     true_trace = dense.trace()
     for method in ("hutchinson", "hutch++", "xtrace"):
-        est = trace(op, method=method, num_matvecs=60, generator=torch.Generator().manual_seed(args.seed))
-        rows.append((f"trace ({method}, 60 matvecs)", abs(est.item() - true_trace.item()) / abs(true_trace.item())))
+        est = trace(
+            op, method=method, num_matvecs=60, generator=torch.Generator().manual_seed(args.seed)
+        )
+        rows.append(
+            (
+                f"trace ({method}, 60 matvecs)",
+                abs(est.item() - true_trace.item()) / abs(true_trace.item()),
+            )
+        )
     evals, _ = eigsh(op, 5, which="LA")
     top = torch.linalg.eigvalsh(dense)[-5:]
     rows.append(("eigsh top-5 eigenvalues", rel(evals.sort().values, top)))
 
-    print(f"curvkit {__import__('curvkit').__version__} self-check on a {n}x{n} operator "
-          f"(Kronecker + low-rank + diagonal, {args.dtype}); relative error against dense:")
+    print(
+        f"curvkit {__import__('curvkit').__version__} self-check on a {n}x{n} operator "
+        f"(Kronecker + low-rank + diagonal, {args.dtype}); relative error against dense:"
+    )
     for name, err in rows:
         print(f"  {name:<34s} {err:.2e}")
     exact = [err for name, err in rows if not name.startswith("trace")]

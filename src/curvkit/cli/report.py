@@ -16,17 +16,29 @@ _LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce": nn.BC
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``curvkit report``."""
-    parser.add_argument("--out", default="curvkit-report", help="output folder (default ./curvkit-report/)")
-    parser.add_argument("--model", help="'pkg.module:factory' returning an nn.Module (default: a digits CNN)")
-    parser.add_argument("--data", help="'pkg.module:factory' returning an iterable of (X, y) batches")
+    parser.add_argument(
+        "--out", default="curvkit-report", help="output folder (default ./curvkit-report/)"
+    )
+    parser.add_argument(
+        "--model", help="'pkg.module:factory' returning an nn.Module (default: a digits CNN)"
+    )
+    parser.add_argument(
+        "--data", help="'pkg.module:factory' returning an iterable of (X, y) batches"
+    )
     parser.add_argument("--loss", choices=sorted(_LOSSES), default="cross_entropy")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top-k", type=int, default=10, help="extreme eigenpairs to compute")
-    parser.add_argument("--num-matvecs", type=int, default=90, help="products per trace/diagonal estimate")
-    parser.add_argument("--train-seconds", type=float, default=3.0, help="training time of the default model")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N digits (default model)")
+    parser.add_argument(
+        "--num-matvecs", type=int, default=90, help="products per trace/diagonal estimate"
+    )
+    parser.add_argument(
+        "--train-seconds", type=float, default=3.0, help="training time of the default model"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="use only the first N digits (default model)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress output")
 
 
@@ -44,7 +56,9 @@ def _problem(args, dtype, device):
         return model.eval(), loss_fn, data
     model = load_factory(args.model, "--model")()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"--model {args.model} must return an nn.Module; got {type(model).__name__}.")
+        raise TypeError(
+            f"--model {args.model} must return an nn.Module; got {type(model).__name__}."
+        )
     data = list(load_factory(args.data, "--data")())
     if not data:
         raise ValueError(f"--data {args.data} returned no batches.")
@@ -62,8 +76,12 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda *a: None) if args.no_progress else print  # noqa: E731
     log("training the model..." if args.model is None else "loading the model...")
     model, loss_fn, data = _problem(args, dtype, device)
-    options = ReportOptions(top_k=args.top_k, num_matvecs=args.num_matvecs, seed=args.seed,
-                            progress=not args.no_progress)
+    options = ReportOptions(
+        top_k=args.top_k,
+        num_matvecs=args.num_matvecs,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     report = curvature_report(model, loss_fn, data, options, log=log)
 
     out = Path(args.out)
@@ -77,14 +95,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(r: dict) -> None:
-    print(f"\nparameters {r['num_params']}   loss {r['loss']:.4g}   gradient norm {r['gradient_norm']:.3g}")
+    print(
+        f"\nparameters {r['num_params']}   loss {r['loss']:.4g}   gradient norm {r['gradient_norm']:.3g}"
+    )
     fmt = lambda xs: " ".join(f"{x:.3g}" for x in xs)  # noqa: E731
     print(f"Hessian top eigenvalues: {fmt(r['hessian_top_eigenvalues'])}")
     print(f"GGN top eigenvalues:     {fmt(r['ggn_top_eigenvalues'])}")
     print(f"top-eigenspace overlap (Hessian, GGN): {r['top_eigenspace_overlap_hessian_ggn']:.3f}")
     for name, t in r["trace"].items():
         print(f"{name} trace: " + "  ".join(f"{m} {v:.4g}" for m, v in t.items()))
-    print("GGN diagonal relative error: " + "  ".join(f"{m} {v:.3f}" for m, v in r["ggn_diagonal_rel_error"].items()))
+    print(
+        "GGN diagonal relative error: "
+        + "  ".join(f"{m} {v:.3f}" for m, v in r["ggn_diagonal_rel_error"].items())
+    )
     for name, q in r["kfac_vs_ggn"].items():
-        print(f"{name.upper()} vs GGN relative error: top eigenspace {q['top_eigenspace_rel_error']:.3f}, "
-              f"random directions {q['random_directions_rel_error']:.3f}")
+        print(
+            f"{name.upper()} vs GGN relative error: top eigenspace {q['top_eigenspace_rel_error']:.3f}, "
+            f"random directions {q['random_directions_rel_error']:.3f}"
+        )

@@ -1,5 +1,8 @@
-"""Curvature operators of (model, loss, data): exact (Hessian, GGN, Fisher, empirical Fisher,
-Jacobian), Kronecker-factored (KFAC, EKFAC) and symmetry-averaged."""
+"""Curvature operators of (model, loss, data).
+
+Exact (Hessian, GGN, Fisher, empirical Fisher, Jacobian), Kronecker-factored (KFAC, EKFAC) and
+symmetry-averaged.
+"""
 
 from curvkit.curvature.ekfac import EKFAC
 from curvkit.curvature.engine import Batch, DataEngine

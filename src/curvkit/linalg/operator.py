@@ -62,7 +62,10 @@ class LinearOperator:
         if out_shapes is None and self.in_shapes is not None and m == n:
             out_shapes = self.in_shapes
         self.out_shapes = None if out_shapes is None else [torch.Size(s) for s in out_shapes]
-        for name, shapes, size in (("in_shapes", self.in_shapes, n), ("out_shapes", self.out_shapes, m)):
+        for name, shapes, size in (
+            ("in_shapes", self.in_shapes, n),
+            ("out_shapes", self.out_shapes, m),
+        ):
             if shapes is not None and sum(math.prod(s) for s in shapes) != size:
                 raise ValueError(
                     f"{type(self).__name__}: {name} {[tuple(s) for s in shapes]} hold "
@@ -179,7 +182,9 @@ class LinearOperator:
     # ----------------------------------------------------------------- structured methods
     # Generic operators know nothing of their structure; each default either falls back on an
     # iterative method that is always correct, or says which function to use instead.
-    def inverse(self, damping: float = 0.0, *, method: str = "cg", **solver_options) -> LinearOperator:
+    def inverse(
+        self, damping: float = 0.0, *, method: str = "cg", **solver_options
+    ) -> LinearOperator:
         """``(A + damping·I)^{-1}`` applied by an iterative solver (``"cg"`` or ``"minres"``).
 
         Structured subclasses override this with an exact inverse.
@@ -228,7 +233,9 @@ class LinearOperator:
         return self.pow(0.5)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+        return (
+            f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+        )
 
 
 # --------------------------------------------------------------------------- input handling
@@ -250,7 +257,9 @@ def _as_block(x: Operand, op: LinearOperator, *, transpose: bool):
             return x.unsqueeze(1), lambda Y: Y.squeeze(1)
         if x.ndim == 2 and x.shape[0] == n:
             return x, lambda Y: Y
-        raise ValueError(f"{name}: expected an operand of shape ({n},) or ({n}, k); got {tuple(x.shape)}.")
+        raise ValueError(
+            f"{name}: expected an operand of shape ({n},) or ({n}, k); got {tuple(x.shape)}."
+        )
 
     if isinstance(x, (list, tuple)) and x and all(isinstance(t, Tensor) for t in x):
         if in_shapes is None:
@@ -264,7 +273,10 @@ def _as_block(x: Operand, op: LinearOperator, *, transpose: bool):
             _check_tensor(t, op, name)
         if all(t.shape == s for t, s in zip(x, in_shapes)):
             X, k = torch.cat([t.reshape(-1, 1) for t in x]), None
-        elif all(t.shape[:-1] == s for t, s in zip(x, in_shapes)) and len({t.shape[-1] for t in x}) == 1:
+        elif (
+            all(t.shape[:-1] == s for t, s in zip(x, in_shapes))
+            and len({t.shape[-1] for t in x}) == 1
+        ):
             k = x[0].shape[-1]
             X = torch.cat([t.reshape(-1, k) for t in x])
         else:
@@ -321,7 +333,9 @@ def _common(ops: Sequence[LinearOperator], what: str) -> tuple[torch.dtype, torc
     if len(dtypes) > 1:
         raise TypeError(f"{what}: operators must share one dtype; got {sorted(map(str, dtypes))}.")
     if len(devices) > 1:
-        raise ValueError(f"{what}: operators must share one device; got {sorted(map(str, devices))}.")
+        raise ValueError(
+            f"{what}: operators must share one device; got {sorted(map(str, devices))}."
+        )
     return dtypes.pop(), devices.pop()
 
 
@@ -333,11 +347,18 @@ class _Sum(LinearOperator):
         flat = [p for o in ops for p in (o.ops if isinstance(o, _Sum) else [o])]
         shapes = {o.shape for o in flat}
         if len(shapes) > 1:
-            raise ValueError(f"Sum: operands must have equal shapes; got {[o.shape for o in flat]}.")
+            raise ValueError(
+                f"Sum: operands must have equal shapes; got {[o.shape for o in flat]}."
+            )
         dtype, device = _common(flat, "Sum")
         first = flat[0]
-        super().__init__(first.shape, dtype=dtype, device=device,
-                         in_shapes=first.in_shapes, out_shapes=first.out_shapes)
+        super().__init__(
+            first.shape,
+            dtype=dtype,
+            device=device,
+            in_shapes=first.in_shapes,
+            out_shapes=first.out_shapes,
+        )
         self.ops = flat
         self.is_symmetric = all(o.is_symmetric for o in flat)
         self.is_psd = all(o.is_psd for o in flat)
@@ -364,8 +385,13 @@ class _Scaled(LinearOperator):
     def __init__(self, op: LinearOperator, c: float):
         if isinstance(op, _Scaled):
             op, c = op.op, c * op.c
-        super().__init__(op.shape, dtype=op.dtype, device=op.device,
-                         in_shapes=op.in_shapes, out_shapes=op.out_shapes)
+        super().__init__(
+            op.shape,
+            dtype=op.dtype,
+            device=op.device,
+            in_shapes=op.in_shapes,
+            out_shapes=op.out_shapes,
+        )
         self.op, self.c = op, c
         self.is_symmetric = op.is_symmetric
         self.is_psd = op.is_psd and c >= 0
@@ -386,7 +412,9 @@ class _Scaled(LinearOperator):
         return self.c * self.op.diagonal()
 
     def logdet(self):
-        return self.shape[0] * math.log(self.c) + self.op.logdet() if self.c > 0 else super().logdet()
+        return (
+            self.shape[0] * math.log(self.c) + self.op.logdet() if self.c > 0 else super().logdet()
+        )
 
     def eigh(self):
         if self.c < 0:
@@ -409,8 +437,13 @@ class _Product(LinearOperator):
             if a.shape[1] != b.shape[0]:
                 raise ValueError(f"Product: inner dimensions differ: {a.shape} @ {b.shape}.")
         dtype, device = _common(flat, "Product")
-        super().__init__((flat[0].shape[0], flat[-1].shape[1]), dtype=dtype, device=device,
-                         in_shapes=flat[-1].in_shapes, out_shapes=flat[0].out_shapes)
+        super().__init__(
+            (flat[0].shape[0], flat[-1].shape[1]),
+            dtype=dtype,
+            device=device,
+            in_shapes=flat[-1].in_shapes,
+            out_shapes=flat[0].out_shapes,
+        )
         self.ops = flat
 
     def _matmat(self, X):
@@ -431,8 +464,13 @@ class _Adjoint(LinearOperator):
     """``A.T`` (lazy)."""
 
     def __init__(self, op: LinearOperator):
-        super().__init__((op.shape[1], op.shape[0]), dtype=op.dtype, device=op.device,
-                         in_shapes=op.out_shapes, out_shapes=op.in_shapes)
+        super().__init__(
+            (op.shape[1], op.shape[0]),
+            dtype=op.dtype,
+            device=op.device,
+            in_shapes=op.out_shapes,
+            out_shapes=op.in_shapes,
+        )
         self.op = op
 
     @property

@@ -17,13 +17,23 @@ from torch import Tensor
 
 from curvkit.linalg.operator import LinearOperator, _common
 
-__all__ = ["Dense", "Diagonal", "Identity", "Kronecker", "BlockDiagonal", "LowRank", "SymmetricEigen"]
+__all__ = [
+    "Dense",
+    "Diagonal",
+    "Identity",
+    "Kronecker",
+    "BlockDiagonal",
+    "LowRank",
+    "SymmetricEigen",
+]
 
 
 def _require_square(op: LinearOperator, method: str) -> int:
     m, n = op.shape
     if m != n:
-        raise ValueError(f"{type(op).__name__}.{method}: needs a square operator; got shape {op.shape}.")
+        raise ValueError(
+            f"{type(op).__name__}.{method}: needs a square operator; got shape {op.shape}."
+        )
     return n
 
 
@@ -60,7 +70,9 @@ def _cholesky_solve_inverse(M: Tensor, caller: str) -> Tensor:
     if not info.any():
         return torch.cholesky_inverse(L)
     if M.dtype == torch.float64:
-        raise torch.linalg.LinAlgError(f"{caller}: Cholesky failed; the matrix is not positive definite.")
+        raise torch.linalg.LinAlgError(
+            f"{caller}: Cholesky failed; the matrix is not positive definite."
+        )
     warnings.warn(f"{caller}: Cholesky failed in {M.dtype}; retrying in float64.", stacklevel=3)
     M64 = M.double()
     L, info = torch.linalg.cholesky_ex(M64)
@@ -97,7 +109,9 @@ class Dense(LinearOperator):
         return self.M.T @ Y
 
     def _to(self, dtype, device):
-        return Dense(self.M.to(dtype=dtype, device=device), symmetric=self.is_symmetric, psd=self.is_psd)
+        return Dense(
+            self.M.to(dtype=dtype, device=device), symmetric=self.is_symmetric, psd=self.is_psd
+        )
 
     def to_dense(self):
         return self.M
@@ -113,7 +127,9 @@ class Dense(LinearOperator):
         _require_square(self, "logdet")
         sign, logabs = torch.linalg.slogdet(self.M)
         if sign <= 0:
-            raise ValueError(f"Dense.logdet: determinant is not positive (sign {sign.item():+.0f}).")
+            raise ValueError(
+                f"Dense.logdet: determinant is not positive (sign {sign.item():+.0f})."
+            )
         return logabs
 
     def eigh(self):
@@ -123,12 +139,18 @@ class Dense(LinearOperator):
     def pow(self, p):
         _require_symmetric(self, "pow")
         evals, Q = torch.linalg.eigh(self.M)
-        return Dense((Q * _spectral_pow(evals, p, "Dense.pow")) @ Q.T, symmetric=True, psd=self.is_psd)
+        return Dense(
+            (Q * _spectral_pow(evals, p, "Dense.pow")) @ Q.T, symmetric=True, psd=self.is_psd
+        )
 
     def inverse(self, damping: float = 0.0, **_):
         n = _require_square(self, "inverse")
         damping = _check_damping(damping, "Dense.inverse")
-        M = self.M + damping * torch.eye(n, dtype=self.dtype, device=self.device) if damping else self.M
+        M = (
+            self.M + damping * torch.eye(n, dtype=self.dtype, device=self.device)
+            if damping
+            else self.M
+        )
         if self.is_psd:
             return Dense(_cholesky_solve_inverse(M, "Dense.inverse"), psd=True)
         return Dense(torch.linalg.inv(M), symmetric=self.is_symmetric)
@@ -142,7 +164,9 @@ class Diagonal(LinearOperator):
 
     def __init__(self, d: Tensor):
         if not isinstance(d, Tensor) or d.ndim != 1:
-            raise ValueError(f"Diagonal: expected a 1-d tensor; got {getattr(d, 'shape', type(d))}.")
+            raise ValueError(
+                f"Diagonal: expected a 1-d tensor; got {getattr(d, 'shape', type(d))}."
+            )
         super().__init__((d.shape[0], d.shape[0]), dtype=d.dtype, device=d.device)
         self.d = d
         self.is_psd = bool((d >= 0).all())
@@ -164,7 +188,9 @@ class Diagonal(LinearOperator):
 
     def logdet(self):
         if (self.d <= 0).any():
-            raise ValueError("Diagonal.logdet: entries must be positive for a real log-determinant.")
+            raise ValueError(
+                "Diagonal.logdet: entries must be positive for a real log-determinant."
+            )
         return self.d.log().sum()
 
     def eigh(self):
@@ -194,10 +220,18 @@ class Identity(LinearOperator):
 
     is_symmetric = True
 
-    def __init__(self, n: int, scale: float = 1.0, *, dtype: torch.dtype | None = None,
-                 device: torch.device | str = "cpu", in_shapes=None):
-        super().__init__((n, n), dtype=dtype or torch.get_default_dtype(), device=device,
-                         in_shapes=in_shapes)
+    def __init__(
+        self,
+        n: int,
+        scale: float = 1.0,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        in_shapes=None,
+    ):
+        super().__init__(
+            (n, n), dtype=dtype or torch.get_default_dtype(), device=device, in_shapes=in_shapes
+        )
         self.scale = float(scale)
         self.is_psd = self.scale >= 0
 
@@ -205,7 +239,9 @@ class Identity(LinearOperator):
         return self.scale * X
 
     def _to(self, dtype, device):
-        return Identity(self.shape[0], self.scale, dtype=dtype, device=device, in_shapes=self.in_shapes)
+        return Identity(
+            self.shape[0], self.scale, dtype=dtype, device=device, in_shapes=self.in_shapes
+        )
 
     def _full(self, value: float) -> Tensor:
         return torch.full((self.shape[0],), value, dtype=self.dtype, device=self.device)
@@ -219,21 +255,29 @@ class Identity(LinearOperator):
     def logdet(self):
         if self.scale <= 0:
             raise ValueError(f"Identity.logdet: scale must be positive; got {self.scale}.")
-        return torch.tensor(self.shape[0] * math.log(self.scale), dtype=self.dtype, device=self.device)
+        return torch.tensor(
+            self.shape[0] * math.log(self.scale), dtype=self.dtype, device=self.device
+        )
 
     def eigh(self):
         return self._full(self.scale), Identity(self.shape[0], dtype=self.dtype, device=self.device)
 
     def pow(self, p):
-        return Identity(self.shape[0], _spectral_pow(torch.tensor(self.scale), p, "Identity.pow").item(),
-                        dtype=self.dtype, device=self.device, in_shapes=self.in_shapes)
+        return Identity(
+            self.shape[0],
+            _spectral_pow(torch.tensor(self.scale), p, "Identity.pow").item(),
+            dtype=self.dtype,
+            device=self.device,
+            in_shapes=self.in_shapes,
+        )
 
     def inverse(self, damping: float = 0.0, **_):
         s = self.scale + _check_damping(damping, "Identity.inverse")
         if s == 0:
             raise ValueError("Identity.inverse: zero scale; add damping.")
-        return Identity(self.shape[0], 1.0 / s, dtype=self.dtype, device=self.device,
-                        in_shapes=self.in_shapes)
+        return Identity(
+            self.shape[0], 1.0 / s, dtype=self.dtype, device=self.device, in_shapes=self.in_shapes
+        )
 
 
 # --------------------------------------------------------------------------- Kronecker
@@ -257,13 +301,17 @@ class Kronecker(LinearOperator):
             )
         dtypes, devices = {f.dtype for f in factors}, {f.device for f in factors}
         if len(dtypes) > 1 or len(devices) > 1:
-            raise TypeError(f"Kronecker: factors must share dtype and device; got {dtypes}, {devices}.")
+            raise TypeError(
+                f"Kronecker: factors must share dtype and device; got {dtypes}, {devices}."
+            )
         m = math.prod(f.shape[0] for f in factors)
         n = math.prod(f.shape[1] for f in factors)
         super().__init__((m, n), dtype=factors[0].dtype, device=factors[0].device)
         self.factors = list(factors)
         if symmetric is None:
-            symmetric = psd or all(f.shape[0] == f.shape[1] and torch.equal(f, f.T) for f in factors)
+            symmetric = psd or all(
+                f.shape[0] == f.shape[1] and torch.equal(f, f.T) for f in factors
+            )
         self.is_symmetric = symmetric or psd
         self.is_psd = psd
 
@@ -285,8 +333,11 @@ class Kronecker(LinearOperator):
         return self._apply([f.T for f in self.factors], Y)
 
     def _to(self, dtype, device):
-        return Kronecker(*[f.to(dtype=dtype, device=device) for f in self.factors],
-                         symmetric=self.is_symmetric, psd=self.is_psd)
+        return Kronecker(
+            *[f.to(dtype=dtype, device=device) for f in self.factors],
+            symmetric=self.is_symmetric,
+            psd=self.is_psd,
+        )
 
     def to_dense(self):
         out = self.factors[0]
@@ -297,7 +348,9 @@ class Kronecker(LinearOperator):
     def _sizes(self, method: str) -> list[int]:
         _require_square(self, method)
         if any(f.shape[0] != f.shape[1] for f in self.factors):
-            raise ValueError(f"Kronecker.{method}: needs square factors; got {[tuple(f.shape) for f in self.factors]}.")
+            raise ValueError(
+                f"Kronecker.{method}: needs square factors; got {[tuple(f.shape) for f in self.factors]}."
+            )
         return [f.shape[0] for f in self.factors]
 
     def trace(self):  # tr(A ⊗ B) = tr A · tr B
@@ -351,8 +404,12 @@ class Kronecker(LinearOperator):
         self._sizes("inverse")
         damping = _check_damping(damping, "Kronecker.inverse")
         if damping == 0.0:
-            invs = [_cholesky_solve_inverse(f, "Kronecker.inverse") if self.is_psd else torch.linalg.inv(f)
-                    for f in self.factors]
+            invs = [
+                _cholesky_solve_inverse(f, "Kronecker.inverse")
+                if self.is_psd
+                else torch.linalg.inv(f)
+                for f in self.factors
+            ]
             return Kronecker(*invs, symmetric=self.is_symmetric, psd=self.is_psd)
         evals, Q = self.eigh()
         shifted = evals + damping
@@ -380,7 +437,9 @@ class BlockDiagonal(LinearOperator):
     def _split_apply(self, X, transpose: bool):
         sizes = [b.shape[0 if transpose else 1] for b in self.blocks]
         parts = X.split(sizes)
-        return torch.cat([(b._rmatmat if transpose else b._matmat)(x) for b, x in zip(self.blocks, parts)])
+        return torch.cat(
+            [(b._rmatmat if transpose else b._matmat)(x) for b, x in zip(self.blocks, parts)]
+        )
 
     def _matmat(self, X):
         return self._split_apply(X, transpose=False)
@@ -425,7 +484,9 @@ class LowRank(LinearOperator):
 
     def __init__(self, U: Tensor, s: Tensor, V: Tensor | None = None):
         if U.ndim != 2 or s.ndim != 1 or s.shape[0] != U.shape[1]:
-            raise ValueError(f"LowRank: expected U (m, r) and s (r,); got {tuple(U.shape)} and {tuple(s.shape)}.")
+            raise ValueError(
+                f"LowRank: expected U (m, r) and s (r,); got {tuple(U.shape)} and {tuple(s.shape)}."
+            )
         if V is not None and (V.ndim != 2 or V.shape[1] != U.shape[1]):
             raise ValueError(f"LowRank: expected V (n, {U.shape[1]}); got {tuple(V.shape)}.")
         n = U.shape[0] if V is None else V.shape[0]
@@ -494,7 +555,9 @@ class SymmetricEigen(LinearOperator):
     def __init__(self, Q: Tensor | LinearOperator, eigenvalues: Tensor, complement: float = 0.0):
         n, r = Q.shape
         if eigenvalues.shape != (r,):
-            raise ValueError(f"SymmetricEigen: expected eigenvalues of shape ({r},); got {tuple(eigenvalues.shape)}.")
+            raise ValueError(
+                f"SymmetricEigen: expected eigenvalues of shape ({r},); got {tuple(eigenvalues.shape)}."
+            )
         if r > n:
             raise ValueError(f"SymmetricEigen: Q must have at most n={n} columns; got {r}.")
         super().__init__((n, n), dtype=eigenvalues.dtype, device=eigenvalues.device)
@@ -527,7 +590,11 @@ class SymmetricEigen(LinearOperator):
 
     def diagonal(self):
         # diag(Q Λ Qᵀ) = (Q ∘ Q) λ; for a Kronecker Q, (Q ∘ Q) is the Kronecker of squared factors.
-        sq = Kronecker(*[f * f for f in self.Q.factors]) if isinstance(self.Q, Kronecker) else self.Q * self.Q
+        sq = (
+            Kronecker(*[f * f for f in self.Q.factors])
+            if isinstance(self.Q, Kronecker)
+            else self.Q * self.Q
+        )
         d = sq @ self.eigenvalues
         if self.complement != 0.0 and self.rank < self.shape[0]:
             d = d + self.complement * (1 - sq @ torch.ones_like(self.eigenvalues))
@@ -543,7 +610,11 @@ class SymmetricEigen(LinearOperator):
         return self.eigenvalues, self.Q
 
     def pow(self, p):
-        c = _spectral_pow(torch.tensor(self.complement), p, "SymmetricEigen.pow").item() if self.rank < self.shape[0] else 0.0
+        c = (
+            _spectral_pow(torch.tensor(self.complement), p, "SymmetricEigen.pow").item()
+            if self.rank < self.shape[0]
+            else 0.0
+        )
         return SymmetricEigen(self.Q, _spectral_pow(self.eigenvalues, p, "SymmetricEigen.pow"), c)
 
     def inverse(self, damping: float = 0.0, **_):
