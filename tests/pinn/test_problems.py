@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from curvkit.pinn.problems import heat, linear_pde, log_fokker_planck, mlp, poisson
+from curvkit.pinn.problems import Derivatives, heat, linear_pde, log_fokker_planck, mlp, poisson
 from curvkit.pinn.residuals import derivatives
 
 PROBLEMS = {
@@ -36,6 +36,23 @@ def test_exact_solution_satisfies_pde(name):
         laplacian_dims=problem.laplacian_dims,
     )
     assert problem.residual(X, d_bad).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_exact_solution_satisfies_pde_with_taylor_mode_operators(name):
+    """The same check with curvkit.taylor's collapsed Taylor-mode operators."""
+    from curvkit.taylor import laplacian, weighted_laplacian
+
+    problem = PROBLEMS[name]()
+    X = problem.sample_interior(16, generator=torch.Generator().manual_seed(1))
+    if problem.laplacian_dims is None:
+        op = laplacian(problem.solution, return_value=True, return_gradient=True)
+    else:  # Δₓ = tr(S Sᵀ ∇²) with S the selection of the spatial coordinates
+        S = torch.eye(problem.dim)[:, list(problem.laplacian_dims)]
+        op = weighted_laplacian(problem.solution, S, return_value=True, return_gradient=True)
+    res = op(X)
+    d = Derivatives(res.value.reshape(-1), res.gradient.reshape(X.shape), res.operator.reshape(-1))
+    assert problem.residual(X, d).abs().max() < 1e-12 * (1.0 + d.laplacian.abs().max())
 
 
 @pytest.mark.parametrize("dim, constant", [(10, 1.34), (100, 33.47)])
