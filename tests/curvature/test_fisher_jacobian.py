@@ -5,6 +5,7 @@ from cases import (
     MODELS,
     DictMLP,
     TinyLM,
+    cat_data,
     dense_ggn,
     flat_function,
     lm_data,
@@ -36,13 +37,25 @@ def test_empirical_fisher_mlp(loss):
     torch.testing.assert_close(EF.diagonal(), ref.diagonal())
 
 
+def dense_ef_per_term(model, loss_fn, data):
+    """``c Σ_{n,t} g_{n,t} g_{n,t}ᵀ`` over the loss terms (tokens), by ``jacrev``."""
+    theta, call = flat_function(model)
+    X, y = cat_data(data)
+    per_term = nn.CrossEntropyLoss(reduction="none", ignore_index=loss_fn.ignore_index)
+    G = jacrev(lambda th: per_term(call(th, X), y).reshape(-1))(theta)
+    return G.T @ G / num_terms(loss_fn, data)
+
+
 def test_empirical_fisher_sequence_ignore_index_and_cnn():
     torch.manual_seed(1)
     model, loss_fn = TinyLM().eval(), nn.CrossEntropyLoss(ignore_index=3)
     data = lm_data(sizes=(2, 3), ignore_index=3)
     with sdpa_kernel(SDPBackend.MATH):
-        ref = dense_ef(model, loss_fn, data)
+        ref, ref_term = dense_ef(model, loss_fn, data), dense_ef_per_term(model, loss_fn, data)
     check_products(EmpiricalFisher(model, loss_fn, data), ref)
+    EF = EmpiricalFisher(model, loss_fn, data, grouping="term")
+    check_products(EF, ref_term)
+    torch.testing.assert_close(EF.diagonal(), ref_term.diagonal())
     model, loss_fn = MODELS["cnn2d"](), nn.CrossEntropyLoss(reduction="sum")
     data = make_data(model, loss_fn, INPUT_SHAPES["cnn2d"], sizes=(2, 3))
     check_products(EmpiricalFisher(model, loss_fn, data), dense_ef(model, loss_fn, data))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -105,31 +106,54 @@ class FisherMC(OutputSpaceCurvature):
 class EmpiricalFisher(OutputSpaceCurvature):
     """Empirical Fisher ``EF = c Σ_n ∇_θ ℓ_n ∇_θ ℓ_nᵀ`` with the true labels.
 
-    ``ℓ_n`` is example ``n``'s loss summed over its terms (all tokens of a sequence), and ``c``
-    the reduction factor (``1/T`` for mean over ``T`` loss terms, 1 for sum). Computed as
-    ``J_nᵀ (e_n e_nᵀ) J_n`` with ``e_n = ∂ℓ_n/∂f_n``: one forward-with-tangent and one backward
-    pass per product, no per-example gradients stored.
+    With ``grouping="example"`` (the default) ``ℓ_n`` is example ``n``'s loss summed over its
+    terms (all tokens of a sequence); with ``grouping="term"`` every loss term (token, or
+    output entry for MSE/BCE) is its own ``ℓ_n``, as curvlinops 3.0's ``EFLinearOperator`` does.
+    The two agree when each example has one term (classification). ``c`` is the reduction factor
+    (``1/T`` for mean over ``T`` loss terms, 1 for sum). Computed as ``J_nᵀ (e_n e_nᵀ) J_n``
+    with ``e_n = ∂ℓ_n/∂f_n``: one forward-with-tangent and one backward pass per product, no
+    per-example gradients stored.
 
     Args:
         model: ``nn.Module`` called as ``model(X)``.
         loss_fn: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``.
         data: Re-iterable of ``(X, y)`` batches.
         params: ``None``, a list of the model's parameters, or a mapping name → tensor.
+        grouping: ``"example"`` or ``"term"``: which gradients form the outer products.
         progress, check_deterministic, num_data, batch_size_fn, blocks: As for ``GGN``.
     """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable, params=None, *,
+                 grouping: Literal["example", "term"] = "example", progress: bool = False,
+                 check_deterministic: bool = True, num_data: int | None = None,
+                 batch_size_fn: Callable | None = None, blocks=None):
+        if grouping not in ("example", "term"):
+            raise ValueError(f"EmpiricalFisher: grouping must be 'example' or 'term'; got "
+                             f"{grouping!r}.")
+        super().__init__(model, loss_fn, data, params, progress=progress,
+                         check_deterministic=check_deterministic, num_data=num_data,
+                         batch_size_fn=batch_size_fn)
+        self.grouping = grouping
 
     def _output_gradient(self, batch: Batch, output: Tensor) -> Tensor:
         return grad(lambda o: self.loss.sum_loss(o, batch.y, batch.batch_size))(output)
 
     def _middle(self, batch, output):
         e = self._output_gradient(batch, output)
-        dims = tuple(range(1, e.ndim))
+        if self.grouping == "term":
+            dims = () if self.loss.class_dim is None else (self.loss.class_dim,)
+        else:
+            dims = tuple(range(1, e.ndim))
+        if not dims:
+            return lambda u: e * e * u
         return lambda u: e * (e * u).sum(dim=dims, keepdim=True)
 
     def _factor(self, batch, output):
-        # EF's factor column e_n spans all terms of an example, so present the example as one
-        # pseudo-term of width T·C; the canonical layout flattens (T, C) in the same order.
         e = self.loss.to_terms(self._output_gradient(batch, output))  # (N, T, C)
+        if self.grouping == "term":
+            return e.unsqueeze(-1)
+        # An example's column e_n spans all its terms, so present the example as one
+        # pseudo-term of width T·C; the canonical layout flattens (T, C) in the same order.
         N, T, C = e.shape
         return e.reshape(N, 1, T * C, 1)
 
