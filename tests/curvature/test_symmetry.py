@@ -273,3 +273,33 @@ def test_validation_messages():
     op = SymmetryAveraged.from_samples(G, groups=("orthogonal", "identity"))
     with pytest.raises(ValueError, match="damping must be"):
         op.inverse(-1.0)
+
+
+def test_sequential_symmetries_names_hidden_unit_groups():
+    from torch import nn
+
+    from curvkit.curvature.symmetry import sequential_symmetries
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5), nn.Tanh(),
+                          nn.Linear(5, 2), nn.Linear(2, 6, bias=False))
+    assert sequential_symmetries(model) == {
+        "0.weight": ("perm", "identity"), "0.bias": ("perm",),
+        "2.weight": ("signed_perm", "perm"), "2.bias": ("signed_perm",),
+        "4.weight": ("orthogonal", "signed_perm"), "4.bias": ("orthogonal",),
+        "5.weight": ("identity", "orthogonal"),
+    }
+    # the named groups are true symmetries of the network function
+    g = torch.Generator().manual_seed(12)
+    X = torch.randn(7, 3, generator=g)
+    P = next(permutations(4)).flip(0)
+    S = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0])) @ next(permutations(5)).flip(1)
+    with torch.no_grad():
+        before = model(X)
+        model[0].weight.copy_(P @ model[0].weight)
+        model[0].bias.copy_(P @ model[0].bias)
+        model[2].weight.copy_(S @ model[2].weight @ P.T)
+        model[2].bias.copy_(S @ model[2].bias)
+        model[4].weight.copy_(model[4].weight @ S.T)
+        torch.testing.assert_close(model(X), before)
+    with pytest.raises(TypeError, match="module '1' is a Dropout"):
+        sequential_symmetries(nn.Sequential(nn.Linear(2, 2), nn.Dropout(), nn.Linear(2, 2)))
