@@ -4,10 +4,10 @@ import warnings
 
 import pytest
 import torch
+from kfac_cases import class_data
 from torch import nn
 
 from curvkit.curvature.kfac import KFAC
-from kfac_cases import class_data
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # curvlinops' imports emit torch deprecation warnings

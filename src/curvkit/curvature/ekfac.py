@@ -6,10 +6,10 @@ eigenvalues ``λ_G λ_A`` by the second moments of the per-example gradients in 
     Λ_{ij} = c Σ_n Σ_k ((Q_Gᵀ ∇_W ℓ_{n,k} Q_A)_{ij})²,
 
 the diagonal (in the basis) that is closest in Frobenius norm to the curvature block given by the
-same backpropagated vectors. The per-example gradient ``Σ_s g_s a_sᵀ`` is rotated before it is
-formed: ``Q_Gᵀ (Σ_s g_s a_sᵀ) Q_A = Σ_s g̃_s ã_sᵀ``. Without weight sharing (``S = 1``) the square
-factorises, ``Λ = c Σ (g̃ ∘ g̃)ᵀ (ã ∘ ã)``, so no per-example matrix is ever built; with sharing
-the rotated per-example gradients are formed in chunks of examples. Norm layers and other
+same backpropagated vectors. Without weight sharing (``S = 1``) the per-example gradient is
+``g aᵀ`` and its square in the basis factorises, ``Λ = c Σ (g̃ ∘ g̃)(ã ∘ ã)ᵀ`` with ``g̃ = Q_Gᵀ g``,
+``ã = Q_Aᵀ a``, so no per-example matrix is ever built; with sharing the per-example gradients
+``Σ_s g_s a_sᵀ`` are formed in chunks of examples and then rotated. Norm layers and other
 parameters keep their exact dense or diagonal KFAC blocks.
 
 References:
@@ -80,24 +80,22 @@ class EKFAC(KFAC):
 
         def per_batch(batch):
             out = fp.forward(batch)
-            if [p.path for p in fp.layers if p.is_kron] != [s.path for s in kron]:
+            plans = [p for p in fp.layers if p.is_kron]
+            if [p.path for p in plans] != [s.path for s in kron]:
                 raise RuntimeError("EKFAC: the layers called differ between passes.")
             V = fp.vectors(batch, out, gen)
-            plans = [p for p in fp.layers if p.is_kron]
-            rotated = [torch.einsum("nsgi,gij->nsgj", fp.layer_inputs(p),
-                                    self.factors[p.path]["QA"]) for p in plans]
+            inputs = [fp.layer_inputs(p) for p in plans]
             acc: list[list[Tensor] | None] = [None] * len(plans)
             for k in range(V.shape[0]):
                 grads, _ = fp.backward(out, V[k], retain=k < V.shape[0] - 1)
                 kron_grads = [g for p, g in zip(fp.layers, grads) if p.is_kron]
-                for i, (plan, a, g) in enumerate(zip(plans, rotated, kron_grads)):
-                    QG = self.factors[plan.path]["QG"]
-                    g = torch.einsum("nsgo,gop->nsgp", fp.layer_grads(plan, g), QG)
-                    c = self._second_moments(plan, a, g)
+                for i, (plan, a, g) in enumerate(zip(plans, inputs, kron_grads)):
+                    f = self.factors[plan.path]
+                    c = self._second_moments(plan, a, fp.layer_grads(plan, g), f["QA"], f["QG"])
                     acc[i] = c if acc[i] is None else [x + y for x, y in zip(acc[i], c)]
             return [t for c in acc for t in c]
 
-        totals = iter(self.engine.reduce_over_data(per_batch, desc="EKFAC correction"))
+        totals = iter(fp.reduce(per_batch, desc="EKFAC correction"))
         for spec in kron:
             f = self.factors[spec.path]
             if spec.weight is not None:
@@ -107,28 +105,40 @@ class EKFAC(KFAC):
         self._build()
 
     @staticmethod
-    def _second_moments(plan, a: Tensor, g: Tensor) -> list[Tensor]:
-        """Σ over examples of squared rotated gradients: ``[weight (g, o, i) or (i, o)][, bias]``.
+    def _second_moments(plan, a: Tensor, g: Tensor, QA: Tensor, QG: Tensor) -> list[Tensor]:
+        """Σ over examples of squared rotated gradients: ``[weight][, separate bias]``.
 
         Args:
             plan: The layer.
-            a: Rotated inputs ``(N, S, groups, d_in)``.
-            g: Rotated output gradients ``(N, S, groups, d_out)``.
+            a: Inputs ``(N, S, groups, d_in)``.
+            g: Output gradients ``(N, S, groups, d_out)``.
+            QA: Input-factor eigenvectors ``(groups, d_in, d_in)``.
+            QG: Output-factor eigenvectors ``(groups, d_out, d_out)``.
+
+        Returns:
+            The weight's eigenvalues, ``(groups, d_out, d_in)`` (``"GA"``) or ``(d_in, d_out)``
+            (``"AG"``), and for a separate bias ``(groups, d_out)``.
         """
         out = []
         N, S = a.shape[:2]
+        ga = plan.rule.order == "GA"
         if plan.weight is not None:
-            if S == 1:  # (Σ_s g̃ ãᵀ)² = (g̃²)(ã²)ᵀ: no per-example matrix
-                a2, g2 = a[:, 0].square(), g[:, 0].square()
+            if S == 1:  # (g̃ ãᵀ)² = (g̃²)(ã²)ᵀ: rotate the vectors, no per-example matrix
+                a2 = torch.einsum("ngi,gij->ngj", a[:, 0], QA).square()
+                g2 = torch.einsum("ngo,gop->ngp", g[:, 0], QG).square()
                 W = torch.einsum("ngo,ngi->goi", g2, a2)
-            else:
+            else:  # per-example gradients Σ_s g_s a_sᵀ, then rotated: cheaper than rotating
+                # the S position vectors when S·(d_in² + d_out²) > d_in·d_out·(d_in + d_out)
                 per = a.shape[2] * a.shape[3] * g.shape[3]
                 chunk = max(1, _CHUNK_ENTRIES // max(1, per))
-                W = sum(torch.einsum("nsgo,nsgi->ngoi", g[i:i + chunk], a[i:i + chunk])
-                        .square().sum(0) for i in range(0, N, chunk))
-            out.append(W if plan.rule.order == "GA" else W[0].T)
+                W = 0
+                for i in range(0, N, chunk):
+                    M = torch.einsum("nsgo,nsgi->ngoi", g[i:i + chunk], a[i:i + chunk])
+                    W = W + (QG.transpose(-1, -2) @ M @ QA).square().sum(0)
+            out.append(W if ga else W[0].T)
         if plan.bias is not None and not plan.joint:
-            out.append(g.sum(1).square().sum(0))  # (groups, d_out)
+            b = torch.einsum("ngo,gop->ngp", g.sum(1), QG)
+            out.append(b.square().sum(0))  # (groups, d_out)
         return out
 
     def _blocks(self) -> list[Block]:

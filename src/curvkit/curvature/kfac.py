@@ -210,7 +210,7 @@ class KFAC(LinearOperator):
                 parts += [self._other_factor(U[n]) for n in fp.others]
             return parts
 
-        totals = self.engine.reduce_over_data(per_batch, desc=f"{type(self).__name__} factors")
+        totals = fp.reduce(per_batch, desc=f"{type(self).__name__} factors")
         self._store(fp, totals)
         return self
 

@@ -27,6 +27,24 @@ from curvkit.linalg import (
 __all__ = ["Block", "PermutedBlocks"]
 
 
+class _Kron2(Kronecker):
+    """``F_1 ⊗ F_2`` with products as two batched matmuls, ``F_1 V F_2ᵀ``, and no copies.
+
+    The generic ``Kronecker`` product permutes modes between its matmuls, which copies the
+    operand twice; for KFAC's two factors ``V: (k, n_1, n_2)`` is a free view of the block.
+    """
+
+    def _matmat(self, X):
+        F1, F2 = self.factors
+        V = X.T.reshape(X.shape[1], F1.shape[1], F2.shape[1])
+        return (F1 @ V @ F2.T).reshape(X.shape[1], -1).T
+
+    def _rmatmat(self, Y):
+        F1, F2 = self.factors
+        V = Y.T.reshape(Y.shape[1], F1.shape[0], F2.shape[0])
+        return (F1.T @ V @ F2).reshape(Y.shape[1], -1).T
+
+
 @dataclass
 class Block:
     """One diagonal block.
@@ -54,20 +72,24 @@ class Block:
     def operator(self) -> LinearOperator:
         """The block as a structured operator."""
         if self.kind == "kron":
-            return Kronecker(*self.data, psd=True)
+            return _Kron2(*self.data, psd=True)
         if self.kind == "dense":
             return Dense(self.data[0], psd=True)
         if self.kind == "diagonal":
             return Diagonal(self.data[0])
         Q1, Q2, lam = self.data
-        return SymmetricEigen(Kronecker(Q1, Q2), lam)
+        return SymmetricEigen(_Kron2(Q1, Q2), lam)
 
     def inverse(self, damping: float, heuristic: str | None, exact: bool) -> LinearOperator:
         """Damped inverse (see ``KFAC.inverse``)."""
         if self.kind != "kron":
             return self.operator().inverse(damping)
-        if exact:
-            return self.operator().inverse(damping)
+        if exact:  # (Q_1 ⊗ Q_2)(Λ_1 ⊗ Λ_2 + λ)⁻¹(Q_1 ⊗ Q_2)ᵀ
+            (l1, Q1), (l2, Q2) = (torch.linalg.eigh(f) for f in self.data)
+            shifted = torch.outer(l1, l2).flatten() + damping
+            if (shifted <= 0).any():
+                raise ValueError(f"KFAC.inverse: block {self.label!r} is singular; add damping.")
+            return SymmetricEigen(_Kron2(Q1, Q2), 1.0 / shifted)
         A, G = self.data[self.a_pos], self.data[1 - self.a_pos]
         d_A = d_G = damping
         if heuristic == "pi":
@@ -80,7 +102,8 @@ class Block:
             pi = torch.sqrt(mean_A / mean_G).item()
             d_A, d_G = pi * math.sqrt(damping), math.sqrt(damping) / pi
         damped = {self.a_pos: _shift(A, d_A), 1 - self.a_pos: _shift(G, d_G)}
-        return Kronecker(damped[0], damped[1], psd=True).inverse()
+        inv = Kronecker(damped[0], damped[1], psd=True).inverse()  # Cholesky, float64 retry
+        return _Kron2(*inv.factors, psd=True)
 
     def logdet(self, damping: float) -> Tensor:
         """``log det(B + damping·I)``."""
@@ -116,7 +139,7 @@ class Block:
             d = self.data[0]
             return d, Identity(d.shape[0], dtype=d.dtype, device=d.device)
         Q1, Q2, lam = self.data
-        return lam, Kronecker(Q1, Q2)
+        return lam, _Kron2(Q1, Q2)
 
 
 def _scatter(Y: Tensor, perm: Tensor) -> Tensor:

@@ -176,6 +176,31 @@ class FactorPass:
         # as detached tensors still build a graph.
         self.params = {n: p.detach().requires_grad_(True) for n, p in engine.params.items()}
 
+    # ------------------------------------------------------------------ the loop
+    def reduce(self, fn, *, desc: str) -> list[Tensor]:
+        """Sum ``fn(batch)`` over batches and ranks, times ``1/T`` (mean) or 1 (sum).
+
+        The engine's own ``reduce_over_data`` runs under the math SDPA kernel, which second-order
+        operators need; KFAC differentiates once, so it keeps PyTorch's fast attention kernels.
+        ``T``, the number of loss terms, is counted in the same pass.
+        """
+        totals: list[Tensor] | None = None
+        count = 0.0
+        for batch in self.engine.batches(desc):
+            parts = fn(batch)
+            totals = parts if totals is None else [a + b for a, b in zip(totals, parts)]
+            count += batch.count
+        if totals is None:
+            raise ValueError("KFAC: data yielded no batches.")
+        count_t = torch.tensor([count], dtype=totals[0].dtype, device=totals[0].device)
+        *totals, count_t = self.engine.all_reduce([*totals, count_t])
+        if self.loss.reduction == "sum":
+            return totals
+        if count_t.item() <= 0:
+            raise ValueError("KFAC: the data hold no loss terms (all targets ignored?); the "
+                             "mean-reduced loss is undefined.")
+        return [t / count_t.item() for t in totals]
+
     # ------------------------------------------------------------------ hooks
     def _hook(self, plan: LayerPlan):
         def record(module, args, output):
