@@ -139,7 +139,7 @@ def test_collapse_rewrite_turns_standard_into_collapsed_laplacian():
     L = len(params)
     assert before == sorted([N] * L + [D * N] * 2 * L)
     assert after == sorted([N] * (2 * L - 1) + [D * N] * (L - 1))
-    assert counts["pull_sum"] >= 3 * len(params)
+    assert counts["pull_sum"] >= 2 * len(params)
 
     def f(x):
         for i, (W, b) in enumerate(params):
