@@ -1,7 +1,8 @@
 """Curvature operators of (model, loss, data).
 
-Exact (Hessian, GGN, Fisher, empirical Fisher, Jacobian), Kronecker-factored (KFAC, EKFAC) and
-symmetry-averaged.
+Exact: ``Hessian``, ``GGN``, ``FisherMC``, ``EmpiricalFisher``, ``Jacobian``; Kronecker-factored:
+``KFAC``, ``EKFAC``. All are ``curvkit.linalg.LinearOperator``s over the parameters, built on
+one data loop, ``DataEngine``.
 """
 
 from curvkit.curvature.ekfac import EKFAC
@@ -11,7 +12,6 @@ from curvkit.curvature.ggn import GGN
 from curvkit.curvature.hessian import Hessian
 from curvkit.curvature.jacobian import Jacobian
 from curvkit.curvature.kfac import KFAC
-from curvkit.curvature.symmetry import SymmetryAveraged
 
 __all__ = [
     "Hessian",
@@ -21,7 +21,6 @@ __all__ = [
     "Jacobian",
     "KFAC",
     "EKFAC",
-    "SymmetryAveraged",
     "DataEngine",
     "Batch",
 ]
