@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -182,5 +181,3 @@ def piecewise_linear_derivatives(value: Tensor, slope: Tensor, order: int) -> De
     """Value and slope of a piecewise-linear map; higher derivatives vanish away from kinks."""
     return [value, slope][: order + 1] + [None] * max(order - 1, 0)
 
-
-ElementwiseRule = Callable[..., Derivatives]
