@@ -269,10 +269,13 @@ def main():
         sizes = args.sizes or (QUICK[case] if args.quick else CASES[case][2])
         rows += run_case(case, sizes, args, dtype)
         print(fmt_table([r for r in rows if r["case"] == case]), flush=True)
-    table = fmt_table(rows)
-    print(table)
-    if args.quick:
-        return
+        if not args.quick:
+            write_results(rows, args)
+    print(fmt_table(rows))
+
+
+def write_results(rows, args):
+    """Merge these rows into results/taylor.json (rows of other cases are kept)."""
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(__file__)).stdout.strip()
     meta = {"device": f"CPU ({platform.processor() or platform.machine()}, "
@@ -280,10 +283,17 @@ def main():
             "torch": torch.__version__, "python": platform.python_version(), "commit": commit,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dtype": args.dtype, "repeats": args.repeats, "command": " ".join(sys.argv)}
-    out_dir = os.path.join(os.path.dirname(__file__), "results")
-    with open(os.path.join(out_dir, "taylor.json"), "w") as fh:
-        json.dump({**meta, "rows": rows}, fh, indent=1)
-    print(json.dumps(meta))
+    path = os.path.join(os.path.dirname(__file__), "results", "taylor.json")
+    previous = []
+    if os.path.exists(path):
+        with open(path) as fh:
+            previous = json.load(fh).get("rows", [])
+    cases = {r["case"] for r in rows}
+    for r in rows:
+        r.update({"command": meta["command"], "date": meta["date"]})
+    merged = [r for r in previous if r["case"] not in cases] + rows
+    with open(path, "w") as fh:
+        json.dump({**meta, "rows": merged}, fh, indent=1)
 
 
 if __name__ == "__main__":
