@@ -309,7 +309,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny smoke-test configuration")
     ap.add_argument("--out", default=str(RESULTS / "optim"))
+    ap.add_argument("--from-json", default=None,
+                    help="only re-write the table and targets (.targets.md) from a saved JSON")
     args = ap.parse_args(argv)
+    if args.from_json:
+        print(targets_markdown(json.loads(Path(args.from_json).read_text())))
+        return
     if args.quick:
         args.layers, args.width, args.heads, args.context, args.batch = 1, 32, 2, 32, 8
         args.steps, args.eval_every, args.val_batches = 30, 10, 2
@@ -396,7 +401,60 @@ def main(argv=None):
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(out, indent=1))
     plot(best, args.out + ".png")
+    print(targets_markdown(out))
     print(f"wrote {args.out}.json and {args.out}.png")
+
+
+def targets_markdown(out):
+    """The results table and the issue's targets, evaluated on a saved run."""
+    rows = {r["method"]: r for r in out["rows"]}
+    lines = ["| method | lr | final val loss | steps to AdamW's final (ratio) | step time × AdamW "
+             "| optimizer step × AdamW | state memory × AdamW |", "|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        reach = "not reached" if r["steps_to_adamw_final"] is None else \
+            f"{r['steps_to_adamw_final']} ({r['steps_ratio']:.2f})"
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r['final_val_loss']:.4f} | {reach} | "
+                     f"{r['step_time_ratio']:.2f} | {r['opt_time_ratio']:.2f} | "
+                     f"{r['state_ratio']:.2f} |")
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+
+    def verdict(ok):
+        return "yes" if ok else "**no**"
+
+    for m in ("klshampoo", "soap", "klsoap"):
+        if m in rows:
+            r = rows[m]
+            ok = r["steps_ratio"] is not None and r["steps_ratio"] <= 0.75
+            got = "not reached" if r["steps_ratio"] is None else f"{r['steps_ratio']:.2f}×"
+            lines.append(f"| {m} reaches AdamW's final loss in ≤ 0.75× steps | {got} | "
+                         f"{verdict(ok)} |")
+    for m in ("shampoo", "soap", "klshampoo", "klsoap"):
+        if m in rows:
+            r = rows[m]
+            lines.append(f"| {m} full step ≤ 1.5× AdamW (freq 10) | {r['step_time_ratio']:.2f}× "
+                         f"(optimizer step alone {r['opt_time_ratio']:.2f}×) | "
+                         f"{verdict(r['step_time_ratio'] <= 1.5)} |")
+    for m in ("soap", "klsoap"):
+        if m in rows and f"{m}_bf16" in rows:
+            a, b = rows[m], rows[f"{m}_bf16"]
+            mem = b["state_bytes"] / a["state_bytes"]
+            loss = abs(b["final_val_loss"] - a["final_val_loss"]) / a["final_val_loss"]
+            lines.append(f"| {m} bf16 state ≤ 0.55× float32 state | {mem:.3f}× | "
+                         f"{verdict(mem <= 0.55)} |")
+            lines.append(f"| {m} bf16 final loss within 1 % of float32 | {100 * loss:.2f} % | "
+                         f"{verdict(loss <= 0.01)} |")
+    t = out["refresh_times_s"]
+    speed = t["full_qr_P"] / t["subspace_qr"]
+    dim = out["config"]["refresh_dim"]
+    lines.append(f"| subspace refresh ≥ 2× faster than full QR refresh at d={dim} | {speed:.2f}× "
+                 f"(vs SOAP's qr(SQ): {t['soap_qr_SQ'] / t['subspace_qr']:.2f}×) | "
+                 f"{verdict(speed >= 2)} |")
+    if "soap" in rows and "soap_subspace" in rows:
+        a, b = rows["soap"], rows["soap_subspace"]
+        loss = (b["final_val_loss"] - a["final_val_loss"]) / a["final_val_loss"]
+        lines.append(f"| subspace final loss within 1 % of full QR (SOAP) | {100 * loss:+.2f} % | "
+                     f"{verdict(abs(loss) <= 0.01 or loss < 0)} |")
+    return "\n".join(lines)
 
 
 def plot(best, path):
