@@ -98,9 +98,8 @@ def unfold_nd(x: Tensor, module: _ConvNd) -> Tensor:
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, pad, mode=mode)
     k, stride, dil = module.kernel_size, module.stride, module.dilation
-    if d == 2:  # the fused im2col kernel is faster than the generic view-based path
-        cols = F.unfold(x, k, dilation=dil, stride=stride)  # (N, C·k1·k2, S)
-        return cols.transpose(1, 2)
+    # Windows as a strided view, then one permuting copy straight into (N, S, C·Πk): several
+    # times faster on CPU than F.unfold (im2col) followed by the transpose it needs.
     patches = x
     for i in range(d):
         span = dil[i] * (k[i] - 1) + 1
