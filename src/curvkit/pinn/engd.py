@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvkit.linalg import ConvergenceWarning, LinearOperator, cg
-from curvkit.pinn.jacobian import linearize
+from curvkit.pinn.jacobian import linearize, symmetric_product
 from curvkit.pinn.problems import Batch, Problem
 from curvkit.pinn.residuals import _mlp_derivatives, functional_residuals, mlp_structure
 from curvkit.pinn.solves import damped_cholesky_solve
@@ -216,7 +216,7 @@ class ENGD(NaturalGradientBase):
 
     def _direction(self, lin, group, params):
         J = lin.to_dense()
-        G = J.T @ J
+        G = symmetric_product(J.T)
         return -damped_cholesky_solve(G, J.T @ lin.residual, group["damping"], caller="ENGD")
 
 
