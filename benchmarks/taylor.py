@@ -14,9 +14,10 @@ Methods: ``nested`` = torch.func forward-over-reverse Hessian-vector products (`
 
 Time: every (method, size) is run ``--repeats`` times, methods interleaved, under ``no_grad``;
 the median is taken and the cost per datum (or per sample) is the slope of a least-squares line
-through the medians. Peak memory: each (method, size) runs in a fresh subprocess that records its
-resident set size after setup and a warm-up at the smallest size, runs once, and reports
-``ru_maxrss`` minus that baseline (the kernel's high-water mark, so nothing is missed between
+through the medians. Peak memory: each (method, size) runs in a fresh subprocess (with glibc's
+mmap threshold fixed at 128 KiB, so freed tensors leave the resident set) that warms up, records
+its resident set size, resets the kernel's high-water mark (``/proc/self/clear_refs``), runs once
+and reports ``VmHWM`` minus that baseline (the kernel's peak, so nothing is missed between
 samples); reported for ``no_grad`` ("non-diff") and, unless ``--skip-diff``, for ``enable_grad``
 with parameters requiring grad ("diff"). Slopes are in MiB per datum.
 
@@ -152,6 +153,24 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (VmHWM); False if not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def memory_child(case, method, size, warm_size, dtype, diff, fixed_n):
     net, fn, X = build(case, method, size, dtype, fixed_n)
     _, warm_fn, X_warm = build(case, method, warm_size, dtype, fixed_n)
@@ -164,8 +183,9 @@ def memory_child(case, method, size, warm_size, dtype, diff, fixed_n):
         fn(X_warm[: min(len(X_warm), X.shape[0])])
         fn(X)  # trace at this size outside the measurement
         baseline = _rss_bytes()
+        _reset_peak_rss()  # if refused, the earlier identical call has the same peak anyway
         out = fn(X)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _peak_rss_bytes()
         del out
     print(json.dumps({"peak_mib": max(peak - baseline, 0) / 2**20}))
 
@@ -173,7 +193,10 @@ def memory_child(case, method, size, warm_size, dtype, diff, fixed_n):
 def measure_memory(case, method, size, warm_size, dtype_name, diff, fixed_n, threads):
     cmd = [sys.executable, __file__, "--memory-child", case, method, str(size), str(warm_size),
            dtype_name, str(int(diff)), str(fixed_n or 0), "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    # A fixed mmap threshold stops glibc from raising it dynamically and keeping freed large
+    # blocks resident, so RSS follows the live tensor memory and the baseline is not inflated.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 

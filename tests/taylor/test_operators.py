@@ -266,3 +266,22 @@ def test_bad_inputs_are_reported():
         laplacian(lambda X: X.sum())(torch.randn(2, 3))
     with pytest.raises(TypeError, match="collapsed must be a bool"):
         laplacian(f, collapsed=1)
+
+
+def test_no_grad_fast_path_matches_reference():
+    f = _net(C=2)
+    X = torch.randn(4, 3)
+    sigma, signs = split_indefinite(torch.diag(torch.tensor([1.0, -2.0, 3.0])))
+    H = hessians(f, X)
+    with torch.no_grad():  # the out= fast path (no autograd graph)
+        lap = laplacian(f, return_gradient=True, randomization=("normal", 2))(
+            X, generator=torch.Generator().manual_seed(0))
+        exact = laplacian(f)(X)
+        weighted = weighted_laplacian(f, sigma, signs=signs)(X)
+    with_grad = laplacian(f, return_gradient=True, randomization=("normal", 2))(
+        X, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lap.operator, with_grad.operator)
+    torch.testing.assert_close(lap.gradient, with_grad.gradient)
+    torch.testing.assert_close(exact, H.diagonal(dim1=-2, dim2=-1).sum(-1))
+    torch.testing.assert_close(weighted, torch.einsum("ncdd,d->nc", H.diagonal(
+        dim1=-2, dim2=-1).diag_embed(), torch.tensor([1.0, -2.0, 3.0])))

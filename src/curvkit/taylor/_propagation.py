@@ -156,6 +156,9 @@ def elementwise(ctx: Context, x: Jet, derivatives: Callable[[Tensor, int], Deriv
     lay = ctx.layout
     x0, tangents, blocks, top = ctx.split(x.data)
     d = derivatives(x0, lay.order)
+    if (lay.order == 2 and lay.collapsed and all(v is not None for v in d)
+            and not (torch.is_grad_enabled() and x.data.requires_grad)):
+        return _forward_laplacian_no_grad(ctx, x.data, d)
     zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
     coefficients: dict[int, Tensor] = {k + 1: b for k, b in enumerate(blocks)}
     if not lay.collapsed and top is not None:
@@ -199,6 +202,33 @@ def elementwise(ctx: Context, x: Jet, derivatives: Callable[[Tensor, int], Deriv
     value = d[0]
     return ctx.join(value, new_tangents, [b.expand_as(blocks[0]) if b.dim() == 0 else b
                                           for b in new_blocks], new_top)
+
+
+def _forward_laplacian_no_grad(ctx: Context, data: Tensor, d: list[Tensor]) -> Jet:
+    """Collapsed K=2 elementwise rule writing straight into one output pack (no autograd).
+
+    ``y_1 = phi' x_1`` and ``s_2' = phi' s_2 + phi'' sum_r w_r x_{1,r}^2``. Writing every row into
+    a preallocated pack (``out=``) keeps two packs alive instead of four (input, ``phi' x_1``,
+    ``x_1^2``, concatenation), which is what makes the forward Laplacian light on memory.
+    ``out=`` is not differentiable, so this path only runs when nothing requires grad.
+    """
+    lay = ctx.layout
+    x0, tangents, (x1,), top = ctx.split(data)
+    shape = torch.broadcast_shapes(*(v.shape for v in d), x0.shape)
+    out = torch.empty((data.shape[0], *shape), dtype=data.dtype, device=data.device)
+    o0, otangents, (o1,), otop = ctx.split(out)
+    o0.copy_(d[0])
+    if lay.num_tangents:
+        torch.mul(d[1], tangents, out=otangents)
+    if ctx.weights is None:
+        # sum_r x_{1,r}^2 as a reduction, without materialising the R squares
+        square_sum = torch.linalg.vector_norm(x1, dim=0).square_()
+    else:
+        square_sum = torch.tensordot(ctx.weights.to(x1.dtype), x1 * x1, dims=1)
+    torch.mul(d[1], top[0], out=otop[0])
+    otop[0].addcmul_(d[2], square_sum)
+    torch.mul(d[1], x1, out=o1)
+    return Jet(out)
 
 
 def bilinear(ctx: Context, op: Callable[[Tensor, Tensor], Tensor], a: Jet, b: Jet) -> Jet:
