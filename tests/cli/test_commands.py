@@ -104,3 +104,47 @@ def test_report_bad_input_is_a_clear_error(tmp_path, args, message):
     out = curvkit("report", "--out", str(tmp_path), *args)
     assert out.returncode == 2
     assert message in out.stderr
+
+
+def test_pinn_writes_history(tmp_path):
+    out = curvkit(
+        "pinn",
+        "poisson",
+        "--dim",
+        "2",
+        "--method",
+        "spring",
+        "--steps",
+        "3",
+        "--num-interior",
+        "60",
+        "--num-boundary",
+        "20",
+        "--out",
+        str(tmp_path / "p"),
+        "--no-progress",
+    )
+    assert out.returncode == 0, out.stderr
+    history = json.loads((tmp_path / "p" / "history.json").read_text())
+    assert len(history["l2_error"]) >= 2 and all(e > 0 for e in history["l2_error"])
+    assert (tmp_path / "p" / "history.png").read_bytes()[:4] == b"\x89PNG"
+    assert "L2 error" in out.stdout
+
+
+def test_bench_runs_a_benchmark_script_quickly(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(Path(__file__).parents[2] / "benchmarks" / "linalg.py", tmp_path / "benchmarks")
+    out = curvkit("bench", "linalg", "--quick", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "ratio" in out.stdout
+    rows = json.loads((tmp_path / "benchmarks" / "results" / "linalg.json").read_text())["rows"]
+    assert rows and all(r["ratio"] > 0 for r in rows)
+
+
+def test_bench_unknown_name_is_a_clear_error():
+    out = curvkit("bench", "nosuch")
+    assert out.returncode == 2
+    assert "unknown benchmark" in out.stderr

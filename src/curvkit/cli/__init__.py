@@ -1,4 +1,4 @@
-"""The ``curvkit`` command: ``curvkit check`` and, as their issues land, ``report``/``train``/``pinn``/``bench``."""
+"""The ``curvkit`` command: ``report`` (the main job), ``pinn``, ``bench`` and ``check``."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import sys
 from collections.abc import Sequence
 
 import curvkit
-from curvkit.cli import check, report
+from curvkit.cli import bench, check, pinn, report
 
 # Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
 _COMMANDS = {
     "report": report,
+    "pinn": pinn,
+    "bench": bench,
     "check": check,
 }
 
