@@ -202,6 +202,15 @@ def run_model(name, args):
     return row
 
 
+def _version(dist):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def fmt(x, spec=".2f"):
     return "—" if x is None else format(x, spec)
 
@@ -248,7 +257,7 @@ def main(argv=None):
         commit = None
     out = {"device": f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
            "torch": torch.__version__,
-           "curvlinops": getattr(curvlinops, "__version__", None) if curvlinops else None,
+           "curvlinops": _version("curvlinops-for-pytorch") if curvlinops else None,
            "commit": commit, "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "args": vars(args), "rows": rows}
