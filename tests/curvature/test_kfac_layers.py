@@ -273,3 +273,31 @@ def test_forward_only_refuses_norm_and_other_parameters():
     data = class_data((3,), 3)
     with pytest.raises(ValueError, match="forward_only"):
         KFAC(model, nn.CrossEntropyLoss(), data, fisher="forward_only")
+
+
+def test_mapping_inputs_match_tensor_inputs():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3))
+    scale = nn.Parameter(torch.tensor(0.7))
+
+    class FromDict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.scale = body, scale
+
+        def forward(self, X):
+            return self.body(torch.cat([X["a"], X["b"]], dim=1)) * self.scale
+
+    class FromTensor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.scale = body, scale
+
+        def forward(self, x):
+            return self.body(x) * self.scale
+
+    data = class_data((5,), 3)
+    as_dict = [({"a": x[:, :3], "b": x[:, 3:]}, y) for x, y in data]
+    a = KFAC(FromDict(), nn.CrossEntropyLoss(), as_dict, other="dense").to_dense()
+    b = KFAC(FromTensor(), nn.CrossEntropyLoss(), data, other="dense").to_dense()
+    torch.testing.assert_close(a, b)
