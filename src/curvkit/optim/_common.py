@@ -277,3 +277,45 @@ def exchange_updates(params: list[Tensor], owners: list[int]) -> None:
             n = params[i].numel()
             params[i].data.copy_(gathered[r][offsets[r]: offsets[r] + n].view_as(params[i]))
             offsets[r] += n
+
+
+# --------------------------------------------------------------------------- base class
+class CurvkitOptimizer(torch.optim.Optimizer):
+    """``torch.optim.Optimizer`` with the step loop and state loading every curvkit optimizer shares.
+
+    Subclasses set ``_name`` and implement ``_update_param(p, group, index)``, the update of one
+    parameter that has a gradient; ``step`` runs the closure, checks gradients, splits work
+    between ranks and exchanges the updates (``run_step``).
+    """
+
+    _name = "CurvkitOptimizer"
+
+    def _update_param(self, p: Tensor, group: dict, index: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement _update_param.")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict, keeping the saved state dtypes (e.g. bfloat16) bit-for-bit.
+
+        Args:
+            state_dict: As returned by :meth:`state_dict`.
+        """
+        super().load_state_dict(state_dict)
+        restore_state(self, state_dict)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step.
+
+        Args:
+            closure: Optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or ``None``.
+
+        Raises:
+            NonFiniteGradientError: If a gradient is not finite and the group's ``nonfinite``
+                option is ``"raise"``; no parameter or state is changed then.
+        """
+        loss = run_closure(closure)
+        run_step(self, self._name, self._update_param)
+        return loss

@@ -18,19 +18,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from curvkit.optim import _basis
 from curvkit.optim._common import (
+    CurvkitOptimizer,
     adam_direction,
     check_betas,
     check_choice,
     check_int,
     check_range,
     check_state_dtype,
-    restore_state,
-    run_closure,
-    run_step,
     step_generator,
     store,
     working_dtype,
@@ -94,7 +91,7 @@ def layout(shape: torch.Size | tuple[int, ...], *, max_dim: int, merge_dims: boo
     return Layout(work, axes, [tuple(b) for b in itertools.product(*per_axis)])
 
 
-class KroneckerOptimizer(Optimizer):
+class KroneckerOptimizer(CurvkitOptimizer):
     """Base class of ``Shampoo``, ``SOAP``, ``KLShampoo`` and ``KLSOAP`` (not public).
 
     Subclasses set ``_name``, ``_sort_on_refresh``, ``_coordinate_keys`` (state held in rotated
@@ -148,32 +145,7 @@ class KroneckerOptimizer(Optimizer):
                                     f"got dtype {p.dtype}.")
 
     # ------------------------------------------------------------------ torch.optim API
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping the saved state dtypes (e.g. bfloat16) bit-for-bit.
 
-        Args:
-            state_dict: As returned by :meth:`state_dict`.
-        """
-        super().load_state_dict(state_dict)
-        restore_state(self, state_dict)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step.
-
-        Args:
-            closure: Optional callable that re-evaluates the model and returns the loss.
-
-        Returns:
-            The closure's loss, or ``None``.
-
-        Raises:
-            NonFiniteGradientError: If a gradient is not finite and the group's ``nonfinite``
-                option is ``"raise"``; no parameter or state is changed then.
-        """
-        loss = run_closure(closure)
-        run_step(self, self._name, self._update_param)
-        return loss
 
     # ------------------------------------------------------------------ per parameter
     def _layout(self, p: Tensor, group: dict[str, Any]) -> Layout:

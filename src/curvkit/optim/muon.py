@@ -7,18 +7,15 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
 from curvkit.optim._common import (
+    CurvkitOptimizer,
     adam_direction,
     check_betas,
     check_choice,
     check_int,
     check_range,
     check_state_dtype,
-    restore_state,
-    run_closure,
-    run_step,
     step_generator,
     store,
     working_dtype,
@@ -109,7 +106,7 @@ def muon_param_groups(model: nn.Module, *, head: nn.Module | str | None = None,
     return [g for g in groups if g["params"]]
 
 
-class Muon(Optimizer):
+class Muon(CurvkitOptimizer):
     """Muon for hidden matrices, with an AdamW sub-optimizer for the other parameters.
 
     Muon parameters (matrices; conv kernels are flattened to ``(out, in·kh·kw)``):
@@ -192,28 +189,7 @@ class Muon(Optimizer):
                     raise ValueError(f"{name}: use_muon=True needs parameters with >= 2 "
                                      f"dimensions; got shape {tuple(p.shape)}.")
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping the saved state dtypes bit-for-bit.
 
-        Args:
-            state_dict: As returned by :meth:`state_dict`.
-        """
-        super().load_state_dict(state_dict)
-        restore_state(self, state_dict)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step.
-
-        Args:
-            closure: Optional callable that re-evaluates the model and returns the loss.
-
-        Returns:
-            The closure's loss, or ``None``.
-        """
-        loss = run_closure(closure)
-        run_step(self, self._name, self._update_param)
-        return loss
 
     def _update_param(self, p: Tensor, group: dict[str, Any], index: int) -> None:
         wd = working_dtype(p)

@@ -33,18 +33,15 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from curvkit.curvature.symmetry import GROUPS, SymmetryAveraged
 from curvkit.optim._common import (
+    CurvkitOptimizer,
     check_betas,
     check_choice,
     check_int,
     check_range,
     check_state_dtype,
-    restore_state,
-    run_closure,
-    run_step,
     step_generator,
     store,
     working_dtype,
@@ -100,7 +97,7 @@ def _inverse_root(S: SymmetryAveraged, damping: float) -> SymmetryAveraged:
     return S.map_factors(fn, caller="Symo")
 
 
-class Symo(Optimizer):
+class Symo(CurvkitOptimizer):
     """Symmetry-averaged curvature preconditioning (see the module docstring).
 
     Args:
@@ -170,28 +167,7 @@ class Symo(Optimizer):
                              f"{len(shape)} names from {GROUPS}; got {names}.")
         return names
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping the saved state dtypes bit-for-bit.
 
-        Args:
-            state_dict: As returned by :meth:`state_dict`.
-        """
-        super().load_state_dict(state_dict)
-        restore_state(self, state_dict)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step.
-
-        Args:
-            closure: Optional callable that re-evaluates the model and returns the loss.
-
-        Returns:
-            The closure's loss, or ``None``.
-        """
-        loss = run_closure(closure)
-        run_step(self, self._name, self._update_param)
-        return loss
 
     def _update_param(self, p: Tensor, group: dict[str, Any], index: int) -> None:
         wd = working_dtype(p)
