@@ -146,6 +146,11 @@ def backprop_vectors(loss: OutputLoss, fisher: str, out: Tensor, batch: Batch, m
     return V
 
 
+def _cat(parts: list[Tensor]) -> Tensor:
+    """Calls of one module joined along the positions (no copy for the usual single call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 class FactorPass:
     """Hooks and per-batch accumulation shared by KFAC and EKFAC.
 
@@ -267,14 +272,14 @@ class FactorPass:
     # ------------------------------------------------------------------ per-layer pieces
     def layer_inputs(self, plan: LayerPlan) -> Tensor:
         """``a`` of shape ``(N, S, groups, d_in [+1])`` over all calls (ones column if joint)."""
-        a = torch.cat([plan.rule.inputs(plan.module, x) for x, _ in plan.calls], dim=1)
+        a = _cat([plan.rule.inputs(plan.module, x) for x, _ in plan.calls])
         if plan.joint:
             a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
         return a
 
     def layer_grads(self, plan: LayerPlan, grads: list[Tensor]) -> Tensor:
         """``g`` of shape ``(N, S, groups, d_out)`` over all calls."""
-        return torch.cat([plan.rule.grads(plan.module, g) for g in grads], dim=1)
+        return _cat([plan.rule.grads(plan.module, g) for g in grads])
 
     def norm_grads(self, plan: LayerPlan, grads: list[Tensor]) -> dict[str, Tensor]:
         """Per-example affine gradients ``{role: (N, numel)}`` summed over the calls."""
