@@ -158,3 +158,17 @@ def test_ggn_is_psd_and_symmetric_flags():
     G, H = GGN(model, loss_fn, data), Hessian(model, loss_fn, data)
     assert G.is_symmetric and G.is_psd and H.is_symmetric and not H.is_psd
     assert G.T is G
+
+
+@pytest.mark.parametrize("op_cls", [GGN, Hessian])
+def test_k_columns_take_one_pass_not_k(op_cls):
+    model, loss_fn = MODELS["mlp"](), nn.CrossEntropyLoss()
+    data = make_data(model, loss_fn, INPUT_SHAPES["mlp"], sizes=(3, 2))
+    op = op_cls(model, loss_fn, data, check_deterministic=False)
+    calls = []
+    model[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    op @ torch.randn(op.shape[1], 2)
+    two = len(calls)
+    calls.clear()
+    op @ torch.randn(op.shape[1], 16)
+    assert len(calls) == two  # the forward count does not grow with the number of columns
