@@ -31,53 +31,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from lm_data import load_stdlib_bytes, sample_batch  # noqa: E402
-
-from curvkit.optim import KLSOAP, SOAP, KLShampoo, Muon, Shampoo, muon_param_groups  # noqa: E402
-from curvkit.optim._basis import refresh  # noqa: E402
+from curvkit.apps.lm import ByteLM, load_stdlib_bytes, sample_batch
+from curvkit.optim import KLSOAP, SOAP, KLShampoo, Muon, Shampoo, muon_param_groups
+from curvkit.optim._basis import refresh
 
 RESULTS = Path(__file__).parent / "results"
-
-
-# --------------------------------------------------------------------------- model
-class Block(nn.Module):
-    def __init__(self, width, heads):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.fc = nn.Linear(width, 4 * width)
-        self.fc_out = nn.Linear(4 * width, width)
-        self.heads = heads
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
-        shape = (B, T, self.heads, C // self.heads)
-        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
-        return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
-
-
-class ByteLM(nn.Module):
-    def __init__(self, layers, width, heads, context, vocab=256):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.pos = nn.Parameter(torch.zeros(context, width))
-        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
-        self.ln = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab)
-        nn.init.normal_(self.pos, std=0.02)
-
-    def forward(self, idx):
-        x = self.embed(idx) + self.pos[: idx.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln(x))
 
 
 # --------------------------------------------------------------------------- methods

@@ -148,3 +148,20 @@ def test_bench_unknown_name_is_a_clear_error():
     out = curvkit("bench", "nosuch")
     assert out.returncode == 2
     assert "unknown benchmark" in out.stderr
+
+
+def test_train_compares_optimizers_and_writes_curves(tmp_path):
+    out = curvkit("train", "--methods", "adamw", "soap", "muon", "--steps", "4", "--eval-every", "2",
+                  "--layers", "1", "--width", "16", "--heads", "2", "--context", "16", "--batch", "4",
+                  "--out", str(tmp_path / "t"))
+    assert out.returncode == 0, out.stderr
+    lines = (tmp_path / "t" / "curves.csv").read_text().splitlines()
+    assert lines[0] == "method,step,time,train_loss,val_loss"
+    assert {line.split(",")[0] for line in lines[1:]} == {"adamw", "soap", "muon"}
+    assert (tmp_path / "t" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_unknown_method_is_a_clear_error(tmp_path):
+    out = curvkit("train", "--methods", "sgdx", "--out", str(tmp_path))
+    assert out.returncode == 2
+    assert "unknown method" in out.stderr

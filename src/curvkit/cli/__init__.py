@@ -1,4 +1,4 @@
-"""The ``curvkit`` command: ``report`` (the main job), ``pinn``, ``bench`` and ``check``."""
+"""The ``curvkit`` command: ``report`` (the main job), ``train``, ``pinn``, ``bench``, ``check``."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import sys
 from collections.abc import Sequence
 
 import curvkit
-from curvkit.cli import bench, check, pinn, report
+from curvkit.cli import bench, check, pinn, report, train
 
 # Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
 _COMMANDS = {
     "report": report,
+    "train": train,
     "pinn": pinn,
     "bench": bench,
     "check": check,
