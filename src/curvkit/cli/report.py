@@ -27,11 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--loss", choices=sorted(_LOSSES), default="cross_entropy")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--top-k", type=int, default=10, help="extreme eigenpairs to compute")
+    parser.add_argument("--top-k", type=int, default=8, help="extreme eigenpairs to compute")
     parser.add_argument(
-        "--num-matvecs", type=int, default=90, help="products per trace/diagonal estimate"
+        "--num-matvecs", type=int, default=40, help="products per trace/diagonal estimate"
     )
     parser.add_argument(
         "--train-seconds", type=float, default=3.0, help="training time of the default model"
