@@ -40,8 +40,8 @@ def test_report_writes_json_and_png(tmp_path):
         "3",
         "--num-matvecs",
         "12",
-        "--train-seconds",
-        "0.2",
+        "--train-epochs",
+        "2",
         "--no-progress",
     )
     assert out.returncode == 0, out.stderr

@@ -33,9 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-matvecs", type=int, default=40, help="products per trace/diagonal estimate"
     )
-    parser.add_argument(
-        "--train-seconds", type=float, default=3.0, help="training time of the default model"
-    )
+    parser.add_argument("--train-epochs", type=int, default=40, help="training epochs of the default model")
     parser.add_argument(
         "--limit", type=int, default=None, help="use only the first N digits (default model)"
     )
@@ -52,7 +50,7 @@ def _problem(args, dtype, device):
     if args.model is None:
         data = digits_data(dtype=dtype, device=device, limit=args.limit)
         model = digits_cnn(seed=args.seed).to(device=device, dtype=dtype)
-        model = train_briefly(model, data, loss_fn, seconds=args.train_seconds)
+        model = train_briefly(model, data, loss_fn, epochs=args.train_epochs)
         return model.eval(), loss_fn, data
     model = load_factory(args.model, "--model")()
     if not isinstance(model, nn.Module):
