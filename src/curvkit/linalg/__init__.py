@@ -1,6 +1,8 @@
 """Matrix-free linear algebra on torch tensors; knows nothing of neural networks."""
 
+from curvkit.linalg.eigen import LowRank, SymmetricEigen
 from curvkit.linalg.estimate import diagonal, frobenius_norm, trace
+from curvkit.linalg.lsmr import lsmr
 from curvkit.linalg.nystrom import nystrom, nystrom_pcg
 from curvkit.linalg.operator import LinearOperator
 from curvkit.linalg.solve import (
@@ -9,7 +11,6 @@ from curvkit.linalg.solve import (
     SolveOperator,
     SolveResult,
     cg,
-    lsmr,
     minres,
     neumann,
 )
@@ -20,8 +21,6 @@ from curvkit.linalg.structured import (
     Diagonal,
     Identity,
     Kronecker,
-    LowRank,
-    SymmetricEigen,
 )
 
 __all__ = [

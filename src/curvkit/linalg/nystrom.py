@@ -8,9 +8,10 @@ from typing import Literal
 import torch
 
 from curvkit.linalg._common import as_rhs, positive_int, probes, require_symmetric
+from curvkit.linalg.eigen import LowRank, SymmetricEigen
 from curvkit.linalg.operator import LinearOperator, Operand
 from curvkit.linalg.solve import OnFailure, cg
-from curvkit.linalg.structured import LowRank, SymmetricEigen, _check_damping
+from curvkit.linalg.structured import _check_damping
 
 __all__ = ["nystrom", "nystrom_pcg"]
 
