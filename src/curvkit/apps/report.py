@@ -176,6 +176,9 @@ def curvature_report(
             num_probes=opt.slq_probes,
             num_matvecs=opt.slq_matvecs,
             scale="log",
+            # Round-off leaves Ritz values of the PSD GGN slightly below zero (~eps·λ_max);
+            # shift the log scale past them rather than reject the spectrum.
+            epsilon=max(1e-8, 100 * torch.finfo(G.dtype).eps) * evals_G.max().item(),
             generator=gen(),
             kernel_width=0.02,
         ),
