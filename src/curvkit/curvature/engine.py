@@ -344,19 +344,22 @@ class DataEngine:
                 raise
 
     def reduce_over_data(self, fn: Callable[[Batch], list[Tensor]], *,
-                         desc: str | None = None) -> list[Tensor]:
+                         desc: str | None = None, math_sdpa: bool = True) -> list[Tensor]:
         """Sum ``fn(batch)`` over batches and ranks and normalise by the loss reduction.
 
         Args:
             fn: Maps a batch to a list of tensors holding its sum-reduced contribution.
             desc: Progress-bar label.
+            math_sdpa: Run under ``context()`` (math attention kernel, needed to differentiate
+                twice). Callers that differentiate once (KFAC) pass ``False`` and keep PyTorch's
+                fast attention kernels.
 
         Returns:
             The summed tensors times ``1/T`` (mean) or 1 (sum); ``T`` is counted in the same pass.
         """
         totals: list[Tensor] | None = None
         count = 0.0
-        with self.context():
+        with self.context() if math_sdpa else contextlib.nullcontext():
             for batch in self.batches(desc):
                 parts = fn(batch)
                 totals = parts if totals is None else [a + b for a, b in zip(totals, parts)]

@@ -185,26 +185,10 @@ class FactorPass:
     def reduce(self, fn, *, desc: str) -> list[Tensor]:
         """Sum ``fn(batch)`` over batches and ranks, times ``1/T`` (mean) or 1 (sum).
 
-        The engine's own ``reduce_over_data`` runs under the math SDPA kernel, which second-order
-        operators need; KFAC differentiates once, so it keeps PyTorch's fast attention kernels.
-        ``T``, the number of loss terms, is counted in the same pass.
+        KFAC differentiates once, so it keeps PyTorch's fast attention kernels
+        (``math_sdpa=False``); ``T``, the number of loss terms, is counted in the same pass.
         """
-        totals: list[Tensor] | None = None
-        count = 0.0
-        for batch in self.engine.batches(desc):
-            parts = fn(batch)
-            totals = parts if totals is None else [a + b for a, b in zip(totals, parts)]
-            count += batch.count
-        if totals is None:
-            raise ValueError("KFAC: data yielded no batches.")
-        count_t = torch.tensor([count], dtype=totals[0].dtype, device=totals[0].device)
-        *totals, count_t = self.engine.all_reduce([*totals, count_t])
-        if self.loss.reduction == "sum":
-            return totals
-        if count_t.item() <= 0:
-            raise ValueError("KFAC: the data hold no loss terms (all targets ignored?); the "
-                             "mean-reduced loss is undefined.")
-        return [t / count_t.item() for t in totals]
+        return self.engine.reduce_over_data(fn, desc=desc, math_sdpa=False)
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, plan: LayerPlan):
