@@ -240,6 +240,31 @@ def steps_to_reach(curve, target):
     return None
 
 
+def train_all(names, lr_spec, all_methods, args, train, val_batches, save=None):
+    """Train every method at each learning rate of its sweep; returns the list of runs."""
+    runs, best = [], {}
+    for name in names:
+        spec = lr_spec.get(name, "3e-3")
+        lrs = [best[spec[5:]]["lr"]] if spec.startswith("best:") else \
+            [float(v) for v in spec.split(",")]
+        for lr in lrs:
+            t0 = time.perf_counter()
+            try:
+                run = train_run(name, all_methods[name], lr, args, train, val_batches)
+            except Exception as exc:  # record an optional baseline's failure, keep going
+                print(f"{name} lr={lr}: failed: {exc!r}")
+                continue
+            runs.append(run)
+            print(f"{name:15s} lr={lr:g} final val {run['final']:.4f} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            if run["final"] == run["final"] and (
+                    name not in best or run["final"] < best[name]["final"]):
+                best[name] = run
+            if save is not None:
+                save(runs)  # keep finished runs if the job is stopped
+    return runs
+
+
 # --------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
@@ -268,6 +293,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny smoke-test configuration")
     ap.add_argument("--out", default=str(RESULTS / "optim"))
+    ap.add_argument("--train-only", action="store_true",
+                    help="train and write <out>.runs.json, no timing (time later on a quiet "
+                         "machine with --runs-from)")
+    ap.add_argument("--runs-from", default=None,
+                    help="take the training runs from a --train-only JSON; only time and report")
     ap.add_argument("--from-json", default=None,
                     help="only re-write the table and targets (.targets.md) from a saved JSON")
     args = ap.parse_args(argv)
@@ -295,24 +325,24 @@ def main(argv=None):
         names = [n for n in names if n != "heavyball_soap"]
     lr_spec = dict(item.split("=") for item in args.lrs.split(";"))
 
-    runs, best = [], {}
-    for name in names:
-        spec = lr_spec.get(name, "3e-3")
-        lrs = [best[spec[5:]]["lr"]] if spec.startswith("best:") else \
-            [float(v) for v in spec.split(",")]
-        for lr in lrs:
-            t0 = time.perf_counter()
-            try:
-                run = train_run(name, all_methods[name], lr, args, train, val_batches)
-            except Exception as exc:  # record an optional baseline's failure, keep going
-                print(f"{name} lr={lr}: failed: {exc!r}")
-                continue
-            runs.append(run)
-            print(f"{name:15s} lr={lr:g} final val {run['final']:.4f} "
-                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
-            if run["final"] == run["final"] and (
-                    name not in best or run["final"] < best[name]["final"]):
-                best[name] = run
+    def save_runs(runs):
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out + ".runs.json").write_text(json.dumps(
+            dict(command=" ".join(sys.argv), config=vars(args), runs=runs), indent=1))
+
+    if args.runs_from:
+        runs = json.loads(Path(args.runs_from).read_text())["runs"]
+    else:
+        runs = train_all(names, lr_spec, all_methods, args, train, val_batches,
+                         save=save_runs if args.train_only else None)
+    if args.train_only:
+        print(f"wrote {args.out}.runs.json")
+        return
+    best = {}
+    for run in runs:
+        name = run["method"]
+        if run["final"] == run["final"] and (name not in best or run["final"] < best[name]["final"]):
+            best[name] = run
 
     timed = {n: all_methods[n] for n in best}
     full, only = interleaved_timing(timed, args, train, {n: best[n]["lr"] for n in best})
