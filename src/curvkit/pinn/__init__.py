@@ -13,7 +13,7 @@ from curvkit.pinn.problems import (
     mlp,
     poisson,
 )
-from curvkit.pinn.residuals import Sin, derivatives, loss, residuals
+from curvkit.pinn.residuals import Sin, derivatives, loss, residuals, taylor_derivatives
 from curvkit.pinn.solves import kernel_solve
 from curvkit.pinn.train import train
 from curvkit.pinn.woodbury import SPRING, ENGDWoodbury
@@ -29,6 +29,7 @@ __all__ = [
     "mlp",
     "Sin",
     "derivatives",
+    "taylor_derivatives",
     "residuals",
     "loss",
     "linearize",

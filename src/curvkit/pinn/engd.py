@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvkit.linalg import ConvergenceWarning, LinearOperator, cg
+from curvkit.pinn._mlp import mlp_derivatives, mlp_structure
 from curvkit.pinn.jacobian import linearize, symmetric_product
 from curvkit.pinn.problems import Batch, Problem
-from curvkit.pinn.residuals import _mlp_derivatives, functional_residuals, mlp_structure
+from curvkit.pinn.residuals import taylor_residuals
 from curvkit.pinn.solves import damped_cholesky_solve
 
 __all__ = ["ENGD", "HessianFree", "LINE_SEARCH_GRID", "line_search"]
@@ -36,27 +37,30 @@ LINE_SEARCH_GRID = tuple(2.0**k for k in range(0, -31, -1))
 
 
 def _loss_fn(model: nn.Module, problem: Problem, batch: Batch) -> Callable[[list[Tensor]], float]:
-    """``params -> ½‖r̃(params)‖²`` on a fixed batch, without building a graph."""
+    """``params -> ½‖r̃(params)‖²`` on a fixed batch, without building a graph.
+
+    The forward-Laplacian fast path for supported MLPs, ``curvkit.taylor`` for any other model.
+    """
     structure = mlp_structure(model)
     X_in, X_bd = batch
     if structure is not None:
 
         def loss(params: list[Tensor]) -> float:
             with torch.no_grad():
-                d = _mlp_derivatives(structure, params, X_in, problem.laplacian_dims)
+                d = mlp_derivatives(structure, params, X_in, problem.laplacian_dims)
                 r_in = problem.residual(X_in, d)
-                u_bd = _mlp_derivatives(structure, params, X_bd, None, order=0).value
+                u_bd = mlp_derivatives(structure, params, X_bd, None, order=0).value
                 r_bd = u_bd - problem.boundary_target(X_bd)
                 return 0.5 * float(r_in.square().mean() + r_bd.square().mean())
 
         return loss
 
     names = [k for k, v in model.named_parameters() if v.requires_grad]
-    fn = functional_residuals(model, problem, batch)
 
     def loss(params: list[Tensor]) -> float:
         with torch.no_grad():
-            return 0.5 * float(fn(dict(zip(names, params))).square().sum())
+            r = taylor_residuals(model, problem, batch, params=dict(zip(names, params)))
+            return 0.5 * float(r.square().sum())
 
     return loss
 

@@ -12,8 +12,9 @@ Jacobian row of point ``n`` w.r.t. ``W`` is ``Σ_c g_{n,c} a_{n,c}ᵀ`` with
   single-channel boundary points) or ``J_l J_lᵀ`` from that layer's ``N × P_l`` block alone.
 
 ``J`` of the whole net is never formed, except by ``to_dense()`` (ENGD needs ``Jᵀ J`` anyway).
-Models the forward Laplacian does not support fall back to ``DenseResidualJacobian``, a
-``torch.func`` ``jacrev`` of the residuals (also the independent reference in the tests).
+Models the forward Laplacian does not support fall back to ``DenseResidualJacobian``: the
+residuals by ``curvkit.taylor`` (``taylor_residuals``) and ``J`` by batched reverse mode over
+them.
 """
 
 from __future__ import annotations
@@ -22,16 +23,11 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.func import jacrev
 
 from curvkit.linalg import LinearOperator
+from curvkit.pinn._mlp import forward_laplacian, mlp_structure
 from curvkit.pinn.problems import Batch, Derivatives, Problem
-from curvkit.pinn.residuals import (
-    _check_batch,
-    forward_laplacian,
-    functional_residuals,
-    mlp_structure,
-)
+from curvkit.pinn.residuals import _check_batch, taylor_residuals
 
 __all__ = ["ResidualJacobian", "DenseResidualJacobian", "linearize"]
 
@@ -238,9 +234,10 @@ def _gram_block(ai: Tensor, gi: Tensor, aj: Tensor, gj: Tensor, bias: bool) -> T
 
 
 class DenseResidualJacobian(LinearOperator):
-    """``J`` of shape ``(N, P)`` as a dense matrix from ``torch.func.jacrev`` (any model).
+    """``J`` of shape ``(N, P)`` as a dense matrix (any model).
 
-    The reference path and the fallback for models the forward Laplacian does not support.
+    The general path, for models the forward Laplacian does not support: ``r̃`` by
+    ``curvkit.taylor`` and ``J`` by reverse mode over it, batched over rows of the identity.
     """
 
     def __init__(self, residual: Tensor, J: Tensor, param_shapes: list[torch.Size]):
@@ -261,8 +258,27 @@ class DenseResidualJacobian(LinearOperator):
         return self.J @ self.J.T
 
 
+def _dense_jacobian(r: Tensor, params: list[Tensor]) -> Tensor:
+    """``∂r/∂θ`` of shape ``(N, P)`` by reverse mode, one vmapped backward per block of rows.
+
+    Blocks keep the batched backward's memory (``rows × graph``) bounded, as ``_CHUNK_ENTRIES``
+    does for the Gram blocks.
+    """
+    N = r.shape[0]
+    P = sum(p.numel() for p in params)
+    rows = max(1, min(N, _CHUNK_ENTRIES // max(1, N * P)))
+    eye = torch.eye(N, dtype=r.dtype, device=r.device)
+    blocks = []
+    for start in range(0, N, rows):
+        seeds = eye[start : start + rows]
+        grads = torch.autograd.grad(r, params, grad_outputs=seeds, is_grads_batched=True,
+                                    retain_graph=start + rows < N, materialize_grads=True)
+        blocks.append(torch.cat([g.reshape(seeds.shape[0], -1) for g in grads], dim=1))
+    return torch.cat(blocks, dim=0)
+
+
 def linearize(
-    model: nn.Module, problem: Problem, batch: Batch, *, reference: bool = False
+    model: nn.Module, problem: Problem, batch: Batch, *, dense: bool = False
 ) -> ResidualJacobian | DenseResidualJacobian:
     """Residuals ``r̃`` and their Jacobian ``J = ∂r̃/∂θ`` at the model's current parameters.
 
@@ -270,7 +286,8 @@ def linearize(
         model: The network; trainable parameters define ``θ`` (in ``model.parameters()`` order).
         problem: The PDE problem.
         batch: Interior and boundary points.
-        reference: Force the ``torch.func`` path (dense ``J`` by ``jacrev`` of nested autograd).
+        dense: Take the general path (``curvkit.taylor`` residuals, dense ``J``) even for a
+            ``Sequential`` MLP that the layer-wise Jacobian supports.
 
     Returns:
         A ``(N, P)`` operator with ``.residual`` (``(N,)``) and ``.kernel()``.
@@ -281,15 +298,12 @@ def linearize(
     _check_batch(problem, batch, "linearize")
     params = [p for p in model.parameters() if p.requires_grad]
     shapes = [p.shape for p in params]
-    structure = None if reference else mlp_structure(model)
+    structure = None if dense else mlp_structure(model)
     if structure is None:
-        named = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-        fn = functional_residuals(model, problem, batch)
-        jac = jacrev(fn)(named)
-        J = torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in named], dim=1)
-        with torch.no_grad():
-            r = fn(named)
-        return DenseResidualJacobian(r, J, shapes)
+        with torch.enable_grad():
+            r = taylor_residuals(model, problem, batch)
+            J = _dense_jacobian(r, params)
+        return DenseResidualJacobian(r.detach(), J, shapes)
 
     detached = [p.detach() for p in params]
     X_in, X_bd = batch
