@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from curvkit.pinn.problems import Derivatives, heat, linear_pde, log_fokker_planck, mlp, poisson
-from curvkit.pinn.residuals import derivatives
+from curvkit.pinn.residuals import taylor_derivatives
 
 PROBLEMS = {
     "poisson2": lambda: poisson(2),
@@ -21,16 +21,17 @@ PROBLEMS = {
 
 @pytest.mark.parametrize("name", PROBLEMS)
 def test_exact_solution_satisfies_pde(name):
+    """Checked by the library's own operators: collapsed Taylor mode (``curvkit.taylor``)."""
     problem = PROBLEMS[name]()
     g = torch.Generator().manual_seed(0)
     X = problem.sample_interior(32, generator=g)
-    d = derivatives(problem.solution, X, laplacian_dims=problem.laplacian_dims)
+    d = taylor_derivatives(problem.solution, X, laplacian_dims=problem.laplacian_dims)
     r = problem.residual(X, d)
     # The residual is a difference of O(1..100) terms; anything but the exact solution is O(1) off.
     scale = 1.0 + d.laplacian.abs().max()
     assert r.abs().max() < 1e-12 * scale
     # ...and a perturbed solution is not a solution (the check can fail).
-    d_bad = derivatives(
+    d_bad = taylor_derivatives(
         lambda Z: problem.solution(Z) + 0.1 * Z[:, -1].square(),
         X,
         laplacian_dims=problem.laplacian_dims,
@@ -107,7 +108,7 @@ def test_linear_pde_user_defined():
     )
     X = problem.sample_interior(20, generator=torch.Generator().manual_seed(0))
     assert ((X[:, 0] >= -1) & (X[:, 1] <= 2)).all()
-    r = problem.residual(X, derivatives(u, X))
+    r = problem.residual(X, taylor_derivatives(u, X))
     assert r.abs().max() < 1e-12
     with pytest.raises(ValueError, match="linear_pde: gradient coefficient"):
         linear_pde(u, dim=2, source=lambda X: X[:, 0], gradient=[1.0])

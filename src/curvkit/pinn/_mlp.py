@@ -18,9 +18,11 @@ Why it exists next to ``curvkit.taylor``:
 - **Speed.** The channels stay separate tensors (no packed concatenation per layer), and the
   first layer's directional derivatives are ``Wᵀ`` broadcast over the batch (the identity seed is
   never multiplied). Measured on the benchmark network 5→64→64→48→48→1, 3000 points, float64,
-  one thread, interleaved medians (2026-11-28, loaded 2-core box): value + gradient +
-  Laplacian without autograd 147 ms here vs 360 ms by ``curvkit.taylor.laplacian``, and 410 ms vs
-  700 ms with a backward pass; the line search evaluates this 31 times per step.
+  ``OMP_NUM_THREADS=1``, interleaved in one process, medians of 11–15 repeats (2026-11-28, on
+  the loaded 2-core box): value + gradient + Laplacian without autograd 125–147 ms here vs
+  360 ms by a reused ``curvkit.taylor.laplacian`` operator (423 ms including its capture), and
+  295–410 ms vs 640–700 ms with a backward pass, i.e. 2–3× faster; the line search evaluates
+  this 31 times per step.
 
 Models that are not such a ``Sequential`` take the general path in ``curvkit.pinn.residuals``
 (``curvkit.taylor``).

@@ -272,7 +272,8 @@ def _dense_jacobian(r: Tensor, params: list[Tensor]) -> Tensor:
     for start in range(0, N, rows):
         seeds = eye[start : start + rows]
         grads = torch.autograd.grad(r, params, grad_outputs=seeds, is_grads_batched=True,
-                                    retain_graph=start + rows < N, materialize_grads=True)
+                                    retain_graph=start + rows < N, allow_unused=True,
+                                    materialize_grads=True)
         blocks.append(torch.cat([g.reshape(seeds.shape[0], -1) for g in grads], dim=1))
     return torch.cat(blocks, dim=0)
 
