@@ -156,14 +156,13 @@ def test_general_path_on_residual_mlp_matches_torch_func(case):
     assert _loss_fn(model, problem, batch)(moved) == pytest.approx(expected, rel=1e-12)
 
 
-def test_dense_jacobian_in_row_blocks(monkeypatch):
+def test_dense_jacobian_in_blocks_of_points(monkeypatch):
     problem = heat(1)
     g = torch.Generator().manual_seed(3)
     model = ResidualMLP(problem.dim, 4, g)
     batch = problem.sample(5, 4, generator=g)
     _, J_ref = _reference(model, problem, batch)
-    P = sum(p.numel() for p in model.parameters())
-    monkeypatch.setattr(jacobian_module, "_CHUNK_ENTRIES", 4 * 9 * P)  # blocks of 4 rows of 9
+    monkeypatch.setattr(jacobian_module, "_POINTS_PER_BLOCK", 2)  # blocks 2, 2, 1 and 2, 2
     torch.testing.assert_close(linearize(model, problem, batch).to_dense(), J_ref,
                                rtol=1e-11, atol=1e-13)
 

@@ -13,8 +13,7 @@ Jacobian row of point ``n`` w.r.t. ``W`` is ``Σ_c g_{n,c} a_{n,c}ᵀ`` with
 
 ``J`` of the whole net is never formed, except by ``to_dense()`` (ENGD needs ``Jᵀ J`` anyway).
 Models the forward Laplacian does not support fall back to ``DenseResidualJacobian``: the
-residuals by ``curvkit.taylor`` (``taylor_residuals``) and ``J`` by batched reverse mode over
-them.
+residuals by ``curvkit.taylor`` and ``J`` by reverse mode over them, block of points by block.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 from curvkit.linalg import LinearOperator
 from curvkit.pinn._mlp import forward_laplacian, mlp_structure
 from curvkit.pinn.problems import Batch, Derivatives, Problem
-from curvkit.pinn.residuals import _check_batch, taylor_residuals
+from curvkit.pinn.residuals import _check_batch, _check_dims, _evaluate, _operator
 
 __all__ = ["ResidualJacobian", "DenseResidualJacobian", "linearize"]
 
@@ -258,24 +257,38 @@ class DenseResidualJacobian(LinearOperator):
         return self.J @ self.J.T
 
 
-def _dense_jacobian(r: Tensor, params: list[Tensor]) -> Tensor:
-    """``∂r/∂θ`` of shape ``(N, P)`` by reverse mode, one vmapped backward per block of rows.
+# The general path differentiates the residuals of this many points at a time: one vmapped
+# backward pass over a block's graph per block, so J costs O(N · block) point-passes, not O(N²).
+_POINTS_PER_BLOCK = 64
 
-    Blocks keep the batched backward's memory (``rows × graph``) bounded, as ``_CHUNK_ENTRIES``
-    does for the Gram blocks.
+
+def _dense_linearize(model: nn.Module, problem: Problem, batch: Batch,
+                     params: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``r̃`` and the dense ``J = ∂r̃/∂θ`` by ``curvkit.taylor`` and reverse mode, for any model.
+
+    Residuals of different points do not interact, so ``J`` is built block of points by block of
+    points: the block's residuals by collapsed Taylor mode, its rows of ``J`` by one backward
+    pass batched over the rows of the identity.
     """
-    N = r.shape[0]
-    P = sum(p.numel() for p in params)
-    rows = max(1, min(N, _CHUNK_ENTRIES // max(1, N * P)))
-    eye = torch.eye(N, dtype=r.dtype, device=r.device)
-    blocks = []
-    for start in range(0, N, rows):
-        seeds = eye[start : start + rows]
-        grads = torch.autograd.grad(r, params, grad_outputs=seeds, is_grads_batched=True,
-                                    retain_graph=start + rows < N, allow_unused=True,
-                                    materialize_grads=True)
-        blocks.append(torch.cat([g.reshape(seeds.shape[0], -1) for g in grads], dim=1))
-    return torch.cat(blocks, dim=0)
+    X_in, X_bd = batch
+    op = _operator(model, X_in, _check_dims(problem.laplacian_dims, problem.dim, "linearize"),
+                   "linearize")
+    r_blocks, J_blocks = [], []
+    for X, interior in ((X_in, True), (X_bd, False)):
+        scale = math.sqrt(X.shape[0])
+        for start in range(0, X.shape[0], _POINTS_PER_BLOCK):
+            Xb = X[start : start + _POINTS_PER_BLOCK]
+            with torch.enable_grad():
+                if interior:
+                    r = problem.residual(Xb, _evaluate(op, Xb, "linearize")) / scale
+                else:
+                    r = (model(Xb).reshape(-1) - problem.boundary_target(Xb)) / scale
+                seeds = torch.eye(r.shape[0], dtype=r.dtype, device=r.device)
+                grads = torch.autograd.grad(r, params, grad_outputs=seeds, is_grads_batched=True,
+                                            allow_unused=True, materialize_grads=True)
+            r_blocks.append(r.detach())
+            J_blocks.append(torch.cat([g.reshape(r.shape[0], -1) for g in grads], dim=1))
+    return torch.cat(r_blocks), torch.cat(J_blocks)
 
 
 def linearize(
@@ -301,10 +314,7 @@ def linearize(
     shapes = [p.shape for p in params]
     structure = None if dense else mlp_structure(model)
     if structure is None:
-        with torch.enable_grad():
-            r = taylor_residuals(model, problem, batch)
-            J = _dense_jacobian(r, params)
-        return DenseResidualJacobian(r.detach(), J, shapes)
+        return DenseResidualJacobian(*_dense_linearize(model, problem, batch, params), shapes)
 
     detached = [p.detach() for p in params]
     X_in, X_bd = batch

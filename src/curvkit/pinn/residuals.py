@@ -116,7 +116,12 @@ def taylor_derivatives(
         def f(Z: Tensor) -> Tensor:  # a fresh capture per call: the params are its constants
             return functional_call(module, params, (Z,))
 
-    value, gradient, lap = _operator(f, X, dims, caller)(X)
+    return _evaluate(_operator(f, X, dims, caller), X, caller)
+
+
+def _evaluate(op: DifferentialOperator, X: Tensor, caller: str) -> Derivatives:
+    """``op(X)`` as ``Derivatives`` of a scalar function, shapes ``(N,)``, ``(N, D)``, ``(N,)``."""
+    value, gradient, lap = op(X)
     N, D = X.shape
     if value.shape not in ((N,), (N, 1)):
         raise ValueError(f"{caller}: f must map (N, D) = {(N, D)} to (N,) or (N, 1); "
