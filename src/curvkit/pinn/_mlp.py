@@ -119,6 +119,8 @@ def forward_laplacian(
 ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
     """Propagate the collapsed Taylor channels, optionally capturing every ``Linear`` layer.
 
+    The layer-capturing instance of ``curvkit.taylor``'s collapsed 2-jet rule (module docs).
+
     Channels along axis 1: ``0`` the value; ``1..D`` the derivatives along ``e_1..e_D`` (with
     ``order >= 1``); ``D + 1`` the Laplacian over ``laplacian_dims`` (with ``order == 2``).
 
@@ -186,6 +188,8 @@ def mlp_derivatives(
     order: int = 2,
 ) -> Derivatives:
     """Value, gradient and Laplacian by the forward Laplacian, with the channels kept apart.
+
+    The fast instance of ``curvkit.taylor``'s collapsed 2-jet rule (module docs give the timing).
 
     Same arithmetic as ``forward_laplacian`` without concatenating channels or multiplying the
     identity directions into the first layer (its directional derivatives are ``Wᵀ`` broadcast

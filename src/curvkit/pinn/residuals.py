@@ -45,7 +45,9 @@ __all__ = [
 ]
 
 
-def _check_dims(laplacian_dims: Sequence[int] | None, D: int, caller: str) -> tuple[int, ...] | None:
+def _check_dims(
+    laplacian_dims: Sequence[int] | None, D: int, caller: str
+) -> tuple[int, ...] | None:
     if laplacian_dims is None:
         return None
     dims = tuple(laplacian_dims)
