@@ -48,6 +48,7 @@ __all__ = [
     "coupling_scores",
     "eigh_descending",
     "gram",
+    "gram_ema",
     "orthonormalize",
     "refresh",
     "rotate",
@@ -108,6 +109,26 @@ def gram(X: Tensor, axis: int) -> Tensor:
     return Xk @ Xk.T
 
 
+def gram_ema(P: Tensor, X: Tensor, axis: int, *, beta: float, alpha: float) -> Tensor:
+    """``beta * P + alpha * gram(X, axis)`` as one fused GEMM (no ``(d, d)`` temporaries).
+
+    Equal to the unfused expression up to float round-off; the per-step factor EMAs of every
+    Kronecker method go through here.
+
+    Args:
+        P: Matrix ``(d, d)``.
+        X: Tensor of any order with ``X.shape[axis] == d``.
+        axis: The kept axis.
+        beta: Weight of ``P``.
+        alpha: Weight of the Gram matrix.
+
+    Returns:
+        New matrix ``(d, d)`` (``P`` is not modified).
+    """
+    Xk = X.movedim(axis, 0).reshape(X.shape[axis], -1)
+    return torch.addmm(P, Xk, Xk.T, beta=beta, alpha=alpha)
+
+
 # --------------------------------------------------------------------------- decompositions
 def eigh_descending(A: Tensor, *, caller: str = "eigh_descending") -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric matrix with eigenvalues in descending order.
@@ -134,18 +155,21 @@ def eigh_descending(A: Tensor, *, caller: str = "eigh_descending") -> tuple[Tens
     return evals.flip(0), evecs.flip(1)
 
 
-def _qr_positive(A: Tensor) -> Tensor:
-    """Orthogonal factor of ``A = O R`` with the signs fixed so that ``diag(R) >= 0``.
+def _qr_positive(A: Tensor) -> tuple[Tensor, Tensor]:
+    """``A = O R`` with the signs fixed so that ``diag(R) >= 0``.
 
     The sign fix makes ``O`` close to the identity when ``A`` is nearly diagonal with a positive
     diagonal, so that column ``i`` of the rotated basis keeps its meaning.
+
+    Returns:
+        ``(O, R)``, both ``(d, d)``.
     """
     O, R = torch.linalg.qr(A)
     signs = torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(O.dtype)
-    return O * signs
+    return O * signs, R * signs[:, None]
 
 
-def _align_columns(O: Tensor) -> Tensor:
+def _align_columns(O: Tensor) -> tuple[Tensor, Tensor]:
     """Permute and sign-flip the columns of an orthogonal ``O`` towards the identity.
 
     Greedy matching: the largest remaining ``|O[i, j]|`` assigns column ``j`` to position ``i``.
@@ -156,7 +180,7 @@ def _align_columns(O: Tensor) -> Tensor:
         O: Orthogonal matrix ``(d, d)``.
 
     Returns:
-        ``O[:, perm] * signs`` with ``diag >= 0``.
+        ``(O[:, perm] * signs, perm)`` with ``diag >= 0``.
     """
     d = O.shape[0]
     weights = O.abs()
@@ -175,9 +199,9 @@ def _align_columns(O: Tensor) -> Tensor:
             break
     perm = torch.empty(d, dtype=torch.long)
     perm[torch.tensor(row_of_col)] = torch.arange(d)
-    aligned = O[:, perm]
+    aligned = O.index_select(1, perm.to(O.device))
     signs = torch.where(torch.diagonal(aligned) < 0, -1.0, 1.0).to(O.dtype)
-    return aligned * signs
+    return aligned * signs, perm
 
 
 # --------------------------------------------------------------------------- basis changes
@@ -232,7 +256,7 @@ class BasisChange:
 
 
 def _permute(Q: Tensor, P: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
-    return Q[:, perm], P[perm][:, perm]
+    return Q.index_select(1, perm), P.index_select(0, perm).index_select(1, perm)
 
 
 def _symmetrize(P: Tensor) -> Tensor:
@@ -316,23 +340,25 @@ def refresh(
     """
     d = Q.shape[0]
     if method == "eigh":
-        _, O = eigh_descending(P, caller="refresh")
-        O = _align_columns(O)
-        P_new = _symmetrize(O.T @ P @ O)
+        evals, O = eigh_descending(P, caller="refresh")
+        O, perm = _align_columns(O)
+        # Oᵀ P O = diag(λ) up to round-off: no need to spend 4 d³ flops forming it
+        P_new = torch.diag(evals.index_select(0, perm.to(evals.device)))
         return Q @ O, P_new, BasisChange(coord_map=O.T)
     if method == "qr":
         perm = None
         if sort:
             perm = torch.argsort(torch.diagonal(P), descending=True)
             Q, P = _permute(Q, P, perm)
-        O = _qr_positive(P)
-        return Q @ O, _symmetrize(O.T @ P @ O), BasisChange(perm=perm, coord_map=O.T)
+        O, R = _qr_positive(P)
+        # P = O R gives Oᵀ P O = R O: one GEMM instead of two (the QR algorithm's step)
+        return Q @ O, _symmetrize(R @ O), BasisChange(perm=perm, coord_map=O.T)
     if method == "subspace":
         if rank is None or not 1 <= rank <= d:
             raise ValueError(f"refresh: subspace rank must be in [1, {d}]; got {rank}.")
         chosen = _most_coupled(P, rank)
         index = chosen[torch.argsort(torch.diagonal(P)[chosen], descending=True)]
-        O = _qr_positive(P[index][:, index])  # (r, r)
+        O, _ = _qr_positive(P[index][:, index])  # (r, r)
         Q = Q.index_copy(1, index, Q[:, index] @ O)
         P = P.index_copy(0, index, O.T @ P[index])  # rows I ← Oᵀ P[I, :]
         P = P.index_copy(1, index, P[:, index] @ O)  # cols I ← P[:, I] O

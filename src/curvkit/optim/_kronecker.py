@@ -230,8 +230,8 @@ class KroneckerOptimizer(CurvkitOptimizer):
         first = ctx.step == group["start_preconditioning_step"]
         for k in ctx.axes:
             if first:  # the identity is a poor start for power iteration: diagonalise exactly
-                _, O = _basis.eigh_descending(P[k], caller=f"{self._name}.step")
-                Qk, Pk = Q[k] @ O, O.T @ P[k] @ O
+                evals, O = _basis.eigh_descending(P[k], caller=f"{self._name}.step")
+                Qk, Pk = Q[k] @ O, torch.diag(evals)  # Oᵀ P O up to round-off
                 change = _basis.BasisChange(coord_map=O.T)
             else:
                 d = P[k].shape[0]

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from curvkit.optim._basis import gram, rotate
+from curvkit.optim._basis import gram, gram_ema, rotate
 from curvkit.optim._common import check_range
 from curvkit.optim._kronecker import KroneckerOptimizer, _Context
 
@@ -48,6 +48,39 @@ def kl_factor_terms(G_rot: Tensor, eigenvalues: dict[int, Tensor]) -> dict[int, 
                 W = W * s
         terms[k] = gram(W, k) * (G_rot.shape[k] / G_rot.numel())
     return terms
+
+
+def _kl_factor_ema(G_rot: Tensor, P: dict[int, Tensor], eigenvalues: dict[int, Tensor], *,
+                   beta: float, whiten: bool) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """``P_k ← β P_k + (1-β) term_k`` of :func:`kl_factor_terms`, fused into one GEMM per axis.
+
+    Equal to forming the terms first up to float round-off, without their ``(d_k, d_k)``
+    temporaries.
+
+    Args:
+        G_rot: Rotated gradient ``G̃`` of order ``n``.
+        P: ``{axis: P_k (d_k, d_k)}`` coordinate matrices (not modified).
+        eigenvalues: ``{axis: λ_k (d_k,)}``.
+        beta: Retention ``β``.
+        whiten: Whiten by the other axes' eigenvalues; ``False`` takes plain Gram matrices
+            (``λ ≡ 1``, the step-0 initialisation).
+
+    Returns:
+        ``({axis: new P_k}, {axis: diag(term_k) (d_k,)})``.
+    """
+    n = G_rot.dim()
+    scale = {k: _along(lam.rsqrt(), k, n) for k, lam in eigenvalues.items()} if whiten else {}
+    new, stats = {}, {}
+    for k in P:
+        W = G_rot
+        for j, s in scale.items():
+            if j != k:
+                W = W * s
+        c = G_rot.shape[k] / G_rot.numel()
+        new[k] = gram_ema(P[k], W, k, beta=beta, alpha=(1 - beta) * c)
+        Wk = W.movedim(k, 0).reshape(W.shape[k], -1)
+        stats[k] = Wk.square().sum(1) * c
+    return new, stats
 
 
 def kl_direction(M_rot: Tensor, eigenvalues: dict[int, Tensor], *, eps: float) -> Tensor:
@@ -188,15 +221,11 @@ class KLShampoo(KroneckerOptimizer):
             direction = rotate(self._rotated_direction(G_rot, block, ctx, lam), Q,
                                to_basis=False)
         beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
-        if ctx.step == 0:  # initial factors: plain Gram matrices, eigenvalues stay init_factor
-            ones = {k: torch.ones_like(v) for k, v in lam.items()}
-            terms = kl_factor_terms(G_rot, ones)
-        else:
-            terms = kl_factor_terms(G_rot, lam)
+        # step 0: initial factors are plain Gram matrices, eigenvalues stay init_factor
+        P, stats = _kl_factor_ema(G_rot, P, lam, beta=beta, whiten=ctx.step > 0)
         for k in ctx.axes:
-            P[k] = beta * P[k] + (1 - beta) * terms[k]
             if ctx.step > 0:
-                new = beta * lam[k] + (1 - beta) * torch.diagonal(terms[k])
+                new = beta * lam[k] + (1 - beta) * stats[k]
                 if group["clamp"]:
                     floor = kl_lambda_floor(new.shape[0], group["max_clamp_value"])
                     new = new.clamp_min(floor)
@@ -238,8 +267,8 @@ class KLSOAP(KLShampoo):
     def _rotated_direction(self, G_rot, block, ctx, lam):
         beta1, beta2 = ctx.group["betas"]
         m = ctx.load(block, "exp_avg").lerp(G_rot, 1 - beta1)
-        v = ctx.load(block, "exp_avg_sq") * beta2 + (1 - beta2) * G_rot.square()
+        v = ctx.load(block, "exp_avg_sq").mul(beta2).addcmul_(G_rot, G_rot, value=1 - beta2)
         ctx.save(block, "exp_avg", m)
         ctx.save(block, "exp_avg_sq", v)
-        return m / (v.sqrt() + ctx.group["eps"])
+        return torch.div(m, v.sqrt().add_(ctx.group["eps"]))
 

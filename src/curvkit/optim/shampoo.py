@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from curvkit.optim._basis import gram, rotate
+from curvkit.optim._basis import gram_ema, rotate
 from curvkit.optim._common import adam_direction, check_choice, check_range
 from curvkit.optim._kronecker import KroneckerOptimizer, _Context
 
@@ -152,7 +152,7 @@ class Shampoo(KroneckerOptimizer):
         beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
         G_rot = rotate(G, Q, to_basis=True)
         for k in ctx.axes:
-            P[k] = beta * P[k] + (1 - beta) * gram(G_rot, k)
+            P[k] = gram_ema(P[k], G_rot, k, beta=beta, alpha=1 - beta)
         if self._refresh_due(ctx):
             self._refresh(block, ctx, P, Q)
             correction = 1 - beta ** (ctx.step + 1)

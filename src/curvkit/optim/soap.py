@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from curvkit.optim._basis import gram, rotate
+from curvkit.optim._basis import gram_ema, rotate
 from curvkit.optim._common import check_range
 from curvkit.optim._kronecker import KroneckerOptimizer, _Context
 
@@ -38,9 +38,11 @@ def soap_direction(G_rot: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step: 
     """
     beta1, beta2 = betas
     exp_avg = exp_avg.lerp(G_rot, 1 - beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * G_rot.square()
+    exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(G_rot, G_rot, value=1 - beta2)
     scale = (1 - beta2**step) ** 0.5 / (1 - beta1**step) if bias_correction else 1.0
-    return exp_avg / (exp_avg_sq.sqrt() + eps) * scale, exp_avg, exp_avg_sq
+    # in-place on fresh temporaries only: the inputs are never written
+    direction = torch.div(exp_avg, exp_avg_sq.sqrt().add_(eps))
+    return (direction.mul_(scale) if scale != 1.0 else direction), exp_avg, exp_avg_sq
 
 
 class SOAP(KroneckerOptimizer):
@@ -147,7 +149,7 @@ class SOAP(KroneckerOptimizer):
             direction = rotate(d_rot, Q, to_basis=False)
         beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["betas"][1]
         for k in ctx.axes:  # S ← βS + (1-β) G_(k) G_(k)ᵀ, in P-coordinates
-            P[k] = beta * P[k] + (1 - beta) * gram(G_rot, k)
+            P[k] = gram_ema(P[k], G_rot, k, beta=beta, alpha=1 - beta)
         if self._refresh_due(ctx):
             self._refresh(block, ctx, P, Q)
         else:
