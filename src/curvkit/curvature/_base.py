@@ -15,6 +15,47 @@ from curvkit.linalg import BlockDiagonal, LinearOperator
 
 __all__ = ["CurvatureOperator"]
 
+# Tangents of a k-column product are batched by vmap in chunks whose activations (one copy of
+# the forward pass's saved tensors per column) stay under this many bytes. Measured on one CPU
+# thread (benchmarks/results/curvature.md): on the MLP (5 MiB of saved tensors at batch 512)
+# one 16-column vmap costs 11x one product, at the FLOP floor; on the CNN (70 MiB) and the
+# transformer (44 MiB) batching even 2-4 columns through convolution/attention backward is slower
+# than one column at a time.
+COLUMN_BUDGET_BYTES = 2**26
+
+
+class SavedBytes:
+    """Context counting the bytes autograd saves for backward while it is active.
+
+    It is the size of the activations a backward pass keeps, i.e. what one more batched tangent
+    column costs in memory; ``column_chunk`` turns it into a vmap chunk size.
+    """
+
+    def __init__(self):
+        self.total = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: Tensor) -> Tensor:
+        self.total += t.numel() * t.element_size()
+        return t
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def column_chunk(saved_bytes: int, k: int, budget: int = COLUMN_BUDGET_BYTES) -> int:
+    """Columns per vmap chunk: at most as many as fit ``budget`` at ``saved_bytes`` each.
+
+    The ``k`` columns are then split into equal chunks (16 columns with room for 12 run as two
+    chunks of 8, not 12 + 4). Returns a size in ``[1, k]``.
+    """
+    fit = max(1, min(k, budget // max(1, saved_bytes)))
+    return -(-k // -(-k // fit))  # ceil(k / number of chunks)
+
 
 def split_columns(X: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
     """``(P, k)`` block → mapping name → ``(k, *shape)`` tangents (columns first, for vmap)."""

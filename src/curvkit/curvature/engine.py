@@ -63,7 +63,7 @@ __all__ = ["Batch", "DataEngine", "resolve_params", "group_params"]
 _NOT_TWICE_DIFFERENTIABLE = (
     "derivative for", "not implemented", "double backward", "forward AD", "forward-mode",
     "does not support", "Batching rule not implemented", "backward of backward",
-    "functorch transforms", "jvp staticmethod",
+    "functorch transforms", "jvp staticmethod", "forward mode AD",
 )
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from curvkit.curvature._base import CurvatureOperator
+from curvkit.curvature._base import COLUMN_BUDGET_BYTES, CurvatureOperator, SavedBytes, column_chunk
 from curvkit.curvature.engine import Batch
 
 __all__ = ["GGN", "OutputSpaceCurvature"]
@@ -23,36 +24,78 @@ class OutputSpaceCurvature(CurvatureOperator):
     Subclasses implement ``_middle(batch, output)`` returning ``u ↦ M u`` for ``u`` shaped like
     the batch's output (the sum-reduced loss's curvature; the engine applies ``c``).
 
-    One column costs one forward pass carrying its tangent (``torch.func.jvp`` nested in
-    ``torch.func.vjp``, so the primal is computed once) and one backward pass. ``k`` columns
-    share one forward pass; their tangents and cotangents are batched by ``vmap``.
+    One column costs one forward pass carrying its tangent (forward-mode AD on dual tensors, so
+    the primal is computed once) and one backward pass. ``k`` columns share one recorded
+    forward pass; their tangent passes and backward passes run in chunks of columns batched by
+    ``vmap``, the chunk size set by the activation memory (``_base.column_chunk``): for large
+    activations batched convolution/attention kernels are slower than a column at a time.
     """
 
     is_psd = True
+    _column_budget = COLUMN_BUDGET_BYTES
 
     def _middle(self, batch: Batch, output: Tensor) -> Callable[[Tensor], Tensor]:
         raise NotImplementedError
 
     def _batch_matmat(self, batch: Batch, V: dict[str, Tensor]) -> list[Tensor]:
-        params = self._detached()
         k = next(iter(V.values())).shape[0]
-
-        def f(p):
-            return self._output(batch, p)
-
         if k == 1:
-            v = {n: t[0] for n, t in V.items()}
+            return [r.unsqueeze(0) for r in self._product(batch, {n: t[0] for n, t in V.items()})]
+        params = {n: p.detach().requires_grad_() for n, p in self.engine.params.items()}
+        inputs = list(params.values())
+        with SavedBytes() as saved:  # the one forward pass all columns share
+            out = self._output(batch, params)
+        if not out.requires_grad:  # no selected parameter reaches the output
+            return [torch.zeros_like(t) for t in V.values()]
+        middle = self._middle(batch, out.detach())  # once per batch: FisherMC draws labels here
+        c = column_chunk(saved.total, k, self._column_budget)
+        detached = self._detached()
 
-            def f_and_jvp(p):
-                return jvp(f, (p,), (v,))
+        def tangents(chunk: dict[str, Tensor]) -> Tensor:  # (c, *out)
+            if c == 1:  # forward-mode without vmap: the cheapest single tangent pass
+                return self._tangent(batch, {n: t[0] for n, t in chunk.items()}).unsqueeze(0)
+            f = lambda p: self._output(batch, p)  # noqa: E731
+            return vmap(lambda v: jvp(f, (detached,), (v,))[1])(chunk)
 
-            out, vjp_fn, Jv = vjp(f_and_jvp, params, has_aux=True)
-            (res,) = vjp_fn(self._middle(batch, out.detach())(Jv))
-            return [r.unsqueeze(0) for r in res.values()]
-        out, vjp_fn = vjp(f, params)
-        JV = vmap(lambda v: jvp(f, (params,), (v,))[1])(V)  # (k, *out)
-        (res,) = vmap(vjp_fn)(vmap(self._middle(batch, out.detach()))(JV))
-        return list(res.values())
+        parts = []
+        for start in range(0, k, c):  # chunks of columns: each one tangent pass + one backward
+            chunk = {n: t[start:start + c] for n, t in V.items()}
+            U = vmap(middle)(tangents(chunk))
+            last = start + c >= k
+            if U.shape[0] == 1:
+                res = torch.autograd.grad(out, inputs, U[0], retain_graph=not last,
+                                          allow_unused=True, materialize_grads=True)
+                res = [r.unsqueeze(0) for r in res]
+            else:
+                res = torch.autograd.grad(out, inputs, U, retain_graph=not last,
+                                          is_grads_batched=True, allow_unused=True,
+                                          materialize_grads=True)
+            parts.append(res)
+        return [torch.cat(cols) for cols in zip(*parts)]
+
+    def _product(self, batch: Batch, v: dict[str, Tensor]) -> list[Tensor]:
+        """One column: a forward pass carrying the tangent ``v``, then one backward pass.
+
+        Forward-mode AD with dual tensors in plain autograd rather than ``torch.func.jvp``
+        nested in ``vjp``: same arithmetic, but 10-25 % faster on the benchmark models (less
+        per-op dispatch through functorch's wrapper levels).
+        """
+        params = {n: p.detach().requires_grad_() for n, p in self.engine.params.items()}
+        with fwAD.dual_level():
+            dual = {n: fwAD.make_dual(p, v[n]) for n, p in params.items()}
+            out, Jv = fwAD.unpack_dual(self._output(batch, dual))
+        if not out.requires_grad:
+            return [torch.zeros_like(t) for t in v.values()]
+        u = self._middle(batch, out.detach())(Jv.detach())
+        return list(torch.autograd.grad(out, list(params.values()), u, allow_unused=True,
+                                        materialize_grads=True))
+
+    def _tangent(self, batch: Batch, v: dict[str, Tensor]) -> Tensor:
+        """``J v`` (shaped like the output) by forward-mode AD, recording no autograd graph."""
+        with torch.no_grad(), fwAD.dual_level():
+            dual = {n: fwAD.make_dual(p, v[n]) for n, p in self._detached().items()}
+            out, Jv = fwAD.unpack_dual(self._output(batch, dual))
+        return torch.zeros_like(out) if Jv is None else Jv
 
     # ------------------------------------------------------------------ diagonal
     def _factor(self, batch: Batch, output: Tensor) -> Tensor:
