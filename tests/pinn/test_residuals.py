@@ -152,8 +152,16 @@ def test_general_path_on_residual_mlp_matches_torch_func(case):
     names = [k for k, _ in model.named_parameters()]
     moved = [p.detach() + 0.1 * torch.randn(p.shape, generator=g) for p in model.parameters()]
     r_moved, _ = _reference(model, problem, batch, dict(zip(names, moved)))
+    line_search_loss = _loss_fn(model, problem, batch)  # one capture for every candidate
     expected = 0.5 * float(r_moved.square().sum())
-    assert _loss_fn(model, problem, batch)(moved) == pytest.approx(expected, rel=1e-12)
+    assert line_search_loss(moved) == pytest.approx(expected, rel=1e-12)
+    current = [p.detach() for p in model.parameters()]
+    assert line_search_loss(current) == pytest.approx(0.5 * float(r_ref.square().sum()), rel=1e-12)
+    d_moved = taylor_derivatives(model, batch.interior, laplacian_dims=problem.laplacian_dims,
+                                 params=dict(zip(names, moved)))
+    moved_model = lambda Z: functional_call(model, dict(zip(names, moved)), (Z,))  # noqa: E731
+    _, _, lap_moved = _reference_derivatives(moved_model, batch.interior, problem.laplacian_index)
+    torch.testing.assert_close(d_moved.laplacian, lap_moved, rtol=1e-12, atol=1e-13)
 
 
 def test_dense_jacobian_in_blocks_of_points(monkeypatch):

@@ -27,7 +27,7 @@ from curvkit.linalg import ConvergenceWarning, LinearOperator, cg
 from curvkit.pinn._mlp import mlp_derivatives, mlp_structure
 from curvkit.pinn.jacobian import linearize, symmetric_product
 from curvkit.pinn.problems import Batch, Problem
-from curvkit.pinn.residuals import taylor_residuals
+from curvkit.pinn.residuals import residual_function
 from curvkit.pinn.solves import damped_cholesky_solve
 
 __all__ = ["ENGD", "HessianFree", "LINE_SEARCH_GRID", "line_search"]
@@ -56,11 +56,11 @@ def _loss_fn(model: nn.Module, problem: Problem, batch: Batch) -> Callable[[list
         return loss
 
     names = [k for k, v in model.named_parameters() if v.requires_grad]
+    residual_at = residual_function(model, problem, batch, caller="line_search")
 
     def loss(params: list[Tensor]) -> float:
         with torch.no_grad():
-            r = taylor_residuals(model, problem, batch, params=dict(zip(names, params)))
-            return 0.5 * float(r.square().sum())
+            return 0.5 * float(residual_at(dict(zip(names, params))).square().sum())
 
     return loss
 

@@ -41,6 +41,7 @@ __all__ = [
     "mlp_structure",
     "residuals",
     "taylor_derivatives",
+    "residual_function",
     "taylor_residuals",
 ]
 
@@ -110,15 +111,35 @@ def taylor_derivatives(
         got = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
         raise ValueError(f"{caller}: X must have shape (N, D); got {got}.")
     dims = _check_dims(laplacian_dims, X.shape[1], caller)
+    if params is not None and not isinstance(f, nn.Module):
+        raise TypeError(f"{caller}: params need an nn.Module f; got {type(f).__name__}.")
+    op = _operator(f, X, dims, caller)
     if params is not None:
-        if not isinstance(f, nn.Module):
-            raise TypeError(f"{caller}: params need an nn.Module f; got {type(f).__name__}.")
-        module = f
+        return _at(f, params, lambda: _evaluate(op, X, caller))
+    return _evaluate(op, X, caller)
 
-        def f(Z: Tensor) -> Tensor:  # a fresh capture per call: the params are its constants
-            return functional_call(module, params, (Z,))
 
-    return _evaluate(_operator(f, X, dims, caller), X, caller)
+class _Call(nn.Module):
+    """Runs ``fn()`` as the forward of a module that holds ``model``.
+
+    ``functional_call`` on it substitutes ``model``'s parameters for the duration of ``fn`` (a
+    ``curvkit.taylor`` operator reads them when called), so one operator — one captured graph —
+    serves any number of parameter values, e.g. the 31 line-search candidates of a step.
+    """
+
+    def __init__(self, model: nn.Module, fn: Callable[[], object]):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self):  # noqa: D102
+        return self.fn()
+
+
+def _at(model: nn.Module, params: dict[str, Tensor], fn: Callable[[], object]):
+    """``fn()`` with ``model``'s parameters replaced by ``params`` (``{name: tensor}``)."""
+    call = _Call(model, fn)
+    return functional_call(call, {f"model.{k}": v for k, v in params.items()}, ())
 
 
 def _evaluate(op: DifferentialOperator, X: Tensor, caller: str) -> Derivatives:
@@ -222,12 +243,38 @@ def taylor_residuals(
     Raises:
         ValueError: If the batch does not match the problem's dimension.
     """
-    _check_batch(problem, batch, "taylor_residuals")
+    return residual_function(model, problem, batch, caller="taylor_residuals")(params)
+
+
+def residual_function(
+    model: nn.Module, problem: Problem, batch: Batch, *, caller: str = "residual_function"
+) -> Callable[[dict[str, Tensor] | None], Tensor]:
+    """``params -> r̃`` by the general path, capturing the model's graph once for every call.
+
+    Args:
+        model: The network.
+        problem: The PDE problem.
+        batch: Collocation points.
+        caller: Name used in error messages.
+
+    Returns:
+        A function of ``{name: tensor}`` parameters (None: the model's own) returning ``r̃`` of
+        shape ``(N_Ω + N_∂,)``, differentiable w.r.t. the parameters used.
+
+    Raises:
+        ValueError: If the batch does not match the problem's dimension.
+    """
+    _check_batch(problem, batch, caller)
     X_in, X_bd = batch
-    d = taylor_derivatives(model, X_in, laplacian_dims=problem.laplacian_dims, params=params,
-                           caller="taylor_residuals")
-    u_bd = model(X_bd) if params is None else functional_call(model, params, (X_bd,))
-    return _stack(problem, batch, d, u_bd)
+    op = _operator(model, X_in, _check_dims(problem.laplacian_dims, problem.dim, caller), caller)
+
+    def r() -> Tensor:
+        return _stack(problem, batch, _evaluate(op, X_in, caller), model(X_bd))
+
+    def at(params: dict[str, Tensor] | None = None) -> Tensor:
+        return r() if params is None else _at(model, params, r)
+
+    return at
 
 
 def loss(model: nn.Module, problem: Problem, batch: Batch) -> Tensor:
