@@ -6,6 +6,7 @@ from curvkit.optim._basis import (
     apply_along,
     eigh_descending,
     gram,
+    gram_ema,
     orthogonality_error,
     orthonormalize,
     refresh,
@@ -38,6 +39,30 @@ def test_rotate_and_gram_match_dense_kronecker():
     torch.testing.assert_close(gram(X, 1), X1 @ X1.T)
     M = torch.randn(5, 4, generator=g)
     torch.testing.assert_close(apply_along(X, M, 1), torch.einsum("ij,ajb->aib", M, X))
+
+
+def test_gram_ema_equals_the_unfused_update():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(3, 4, 2, generator=g)
+    P = spd(4)
+    X1 = X.permute(1, 0, 2).reshape(4, -1)
+    got = gram_ema(P, X, 1, beta=0.9, alpha=0.3)
+    torch.testing.assert_close(got, 0.9 * P + 0.3 * (X1 @ X1.T))
+    assert torch.equal(P, spd(4))  # the input is not written
+
+
+@pytest.mark.parametrize("sort", [False, True])
+def test_qr_refresh_coordinates_match_rotated_factor_on_ill_conditioned_input(sort):
+    # P_new is formed as R·O (QR of P); it must equal Oᵀ P O = Q_newᵀ S Q_new to round-off
+    # relative to |P| even when the spectrum spans many orders of magnitude.
+    d = 9
+    S = spd(d, spectrum=torch.logspace(0, -10, d))
+    Q = orthogonal(d)
+    P = Q.T @ S @ Q
+    Q_new, P_new, _ = refresh(Q, P, method="qr", sort=sort)
+    ref = Q_new.T @ S @ Q_new
+    assert (P_new - ref).abs().max() < 1e-13 * P.abs().max()
+    assert torch.equal(P_new, P_new.T)
 
 
 def test_qr_refresh_equals_power_step_on_the_factor():
