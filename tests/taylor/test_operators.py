@@ -285,3 +285,15 @@ def test_no_grad_fast_path_matches_reference():
     torch.testing.assert_close(exact, H.diagonal(dim1=-2, dim2=-1).sum(-1))
     torch.testing.assert_close(weighted, torch.einsum("ncdd,d->nc", H.diagonal(
         dim1=-2, dim2=-1).diag_embed(), torch.tensor([1.0, -2.0, 3.0])))
+
+
+def test_refuses_to_run_inside_torch_func_transforms():
+    # make_fx would bake the transforms' wrapped tensors in as constants: wrong values, no error
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    op = laplacian(net)
+    X = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        torch.func.vmap(lambda x: op(x.unsqueeze(0)))(X)
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        torch.func.grad(lambda x: op(x).sum())(X)
+    assert op(X).shape == (4, 1)  # fine outside

@@ -137,6 +137,14 @@ class CapturedFunction:
 
     def run(self, ctx: Context, x: Tensor, data: Tensor):
         """Propagate the packed jet ``data`` (shape ``(P, *x.shape)``) through ``f``."""
+        if torch._C._are_functorch_transforms_active():
+            # make_fx would capture the transforms' wrapped tensors as plain constants and the
+            # jets would silently carry wrong values: refuse instead.
+            raise RuntimeError(
+                f"{self.caller}: cannot run inside torch.func transforms (vmap, grad, jacrev, "
+                "jvp, ...); call it outside and differentiate its result with torch.autograd "
+                "(autograd flows through the Taylor-mode pass), or batch the points along "
+                "their first dimension instead of vmap.")
         state = self._state()
         program = self.program(x, state)
         leaves, _ = pytree.tree_flatten((state, x))
