@@ -47,14 +47,14 @@ class SavedBytes:
         self._hooks.__exit__(*exc)
 
 
-def column_chunk(saved_bytes: int, k: int, budget: int = COLUMN_BUDGET_BYTES) -> int:
+def column_chunk(saved_bytes: float, k: int, budget: int = COLUMN_BUDGET_BYTES) -> int:
     """Columns per vmap chunk: at most as many as fit ``budget`` at ``saved_bytes`` each.
 
     The ``k`` columns are then split into equal chunks (16 columns with room for 12 run as two
     chunks of 8, not 12 + 4). Returns a size in ``[1, k]``.
     """
-    fit = max(1, min(k, budget // max(1, saved_bytes)))
-    return -(-k // -(-k // fit))  # ceil(k / number of chunks)
+    fit = max(1, min(k, int(budget // max(1, saved_bytes))))
+    return int(-(-k // -(-k // fit)))  # ceil(k / number of chunks)
 
 
 def split_columns(X: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -25,44 +25,49 @@ class OutputSpaceCurvature(CurvatureOperator):
     the batch's output (the sum-reduced loss's curvature; the engine applies ``c``).
 
     One column costs one forward pass carrying its tangent (forward-mode AD on dual tensors, so
-    the primal is computed once) and one backward pass. ``k`` columns share one recorded
-    forward pass; their tangent passes and backward passes run in chunks of columns batched by
-    ``vmap``, the chunk size set by the activation memory (``_base.column_chunk``): for large
-    activations batched convolution/attention kernels are slower than a column at a time.
+    the primal is computed once) and one backward pass. ``k`` columns run in chunks whose size
+    follows the activation memory (``_base.column_chunk``): chunks of several columns share
+    one recorded forward pass and batch their tangent and backward passes with ``vmap``; for
+    large activations (CNNs, transformers at the benchmark's sizes) batched convolution and
+    attention kernels were slower than a column at a time, so there the chunk is one column,
+    i.e. single products (measured in ``benchmarks/results/curvature.md``).
     """
 
     is_psd = True
     _column_budget = COLUMN_BUDGET_BYTES
+    _saved_per_example: float | None = None
 
     def _middle(self, batch: Batch, output: Tensor) -> Callable[[Tensor], Tensor]:
         raise NotImplementedError
 
     def _batch_matmat(self, batch: Batch, V: dict[str, Tensor]) -> list[Tensor]:
         k = next(iter(V.values())).shape[0]
-        if k == 1:
-            return [r.unsqueeze(0) for r in self._product(batch, {n: t[0] for n, t in V.items()})]
+        c = 1 if k == 1 else column_chunk(self._saved_bytes(batch), k, self._column_budget)
+        if c == 1:
+            # One column at a time: single products, which measured faster than batching the
+            # columns of a model with large activations (CNN, transformer) through vmap.
+            middle, parts = None, []
+            for j in range(k):
+                res, middle = self._product(batch, {n: t[j] for n, t in V.items()}, middle)
+                parts.append(res)
+            return [torch.stack(cols) for cols in zip(*parts)]
         params = {n: p.detach().requires_grad_() for n, p in self.engine.params.items()}
         inputs = list(params.values())
-        with SavedBytes() as saved:  # the one forward pass all columns share
-            out = self._output(batch, params)
+        out = self._output(batch, params)  # the one recorded forward pass all chunks share
         if not out.requires_grad:  # no selected parameter reaches the output
             return [torch.zeros_like(t) for t in V.values()]
         middle = self._middle(batch, out.detach())  # once per batch: FisherMC draws labels here
-        c = column_chunk(saved.total, k, self._column_budget)
         detached = self._detached()
 
-        def tangents(chunk: dict[str, Tensor]) -> Tensor:  # (c, *out)
-            if c == 1:  # forward-mode without vmap: the cheapest single tangent pass
-                return self._tangent(batch, {n: t[0] for n, t in chunk.items()}).unsqueeze(0)
-            f = lambda p: self._output(batch, p)  # noqa: E731
-            return vmap(lambda v: jvp(f, (detached,), (v,))[1])(chunk)
+        def f(p):
+            return self._output(batch, p)
 
         parts = []
-        for start in range(0, k, c):  # chunks of columns: each one tangent pass + one backward
+        for start in range(0, k, c):  # chunks of columns: one batched tangent pass + backward
             chunk = {n: t[start:start + c] for n, t in V.items()}
-            U = vmap(middle)(tangents(chunk))
+            U = vmap(middle)(vmap(lambda v: jvp(f, (detached,), (v,))[1])(chunk))
             last = start + c >= k
-            if U.shape[0] == 1:
+            if U.shape[0] == 1:  # a last chunk of one column
                 res = torch.autograd.grad(out, inputs, U[0], retain_graph=not last,
                                           allow_unused=True, materialize_grads=True)
                 res = [r.unsqueeze(0) for r in res]
@@ -73,29 +78,43 @@ class OutputSpaceCurvature(CurvatureOperator):
             parts.append(res)
         return [torch.cat(cols) for cols in zip(*parts)]
 
-    def _product(self, batch: Batch, v: dict[str, Tensor]) -> list[Tensor]:
+    def _saved_bytes(self, batch: Batch) -> float:
+        """Bytes autograd saves in one forward pass of ``batch`` (what each batched column adds).
+
+        Measured once per operator, on the first multi-column product, and scaled by batch size.
+        """
+        if self._saved_per_example is None:
+            params = {n: p.detach().requires_grad_() for n, p in self.engine.params.items()}
+            with SavedBytes() as saved:
+                self._output(batch, params)
+            self._saved_per_example = saved.total / batch.batch_size
+        return self._saved_per_example * batch.batch_size
+
+    def _product(self, batch: Batch, v: dict[str, Tensor],
+                 middle: Callable[[Tensor], Tensor] | None = None
+                 ) -> tuple[list[Tensor], Callable[[Tensor], Tensor] | None]:
         """One column: a forward pass carrying the tangent ``v``, then one backward pass.
 
         Forward-mode AD with dual tensors in plain autograd rather than ``torch.func.jvp``
-        nested in ``vjp``: same arithmetic, but 10-25 % faster on the benchmark models (less
-        per-op dispatch through functorch's wrapper levels).
+        nested in ``vjp``: same arithmetic, but 10-25 % faster on the MLP and the transformer
+        (less dispatch through functorch's wrapper levels); see
+        ``benchmarks/results/curvature.md``.
+
+        Returns:
+            The product (a list in ``params`` order) and the batch's output-space product
+            ``middle`` (built here unless given, so that columns of one pass share it).
         """
         params = {n: p.detach().requires_grad_() for n, p in self.engine.params.items()}
         with fwAD.dual_level():
             dual = {n: fwAD.make_dual(p, v[n]) for n, p in params.items()}
             out, Jv = fwAD.unpack_dual(self._output(batch, dual))
-        if not out.requires_grad:
-            return [torch.zeros_like(t) for t in v.values()]
-        u = self._middle(batch, out.detach())(Jv.detach())
-        return list(torch.autograd.grad(out, list(params.values()), u, allow_unused=True,
-                                        materialize_grads=True))
-
-    def _tangent(self, batch: Batch, v: dict[str, Tensor]) -> Tensor:
-        """``J v`` (shaped like the output) by forward-mode AD, recording no autograd graph."""
-        with torch.no_grad(), fwAD.dual_level():
-            dual = {n: fwAD.make_dual(p, v[n]) for n, p in self._detached().items()}
-            out, Jv = fwAD.unpack_dual(self._output(batch, dual))
-        return torch.zeros_like(out) if Jv is None else Jv
+        if not out.requires_grad:  # no selected parameter reaches the output
+            return [torch.zeros_like(t) for t in v.values()], middle
+        if middle is None:
+            middle = self._middle(batch, out.detach())
+        res = torch.autograd.grad(out, list(params.values()), middle(Jv.detach()),
+                                  allow_unused=True, materialize_grads=True)
+        return list(res), middle
 
     # ------------------------------------------------------------------ diagonal
     def _factor(self, batch: Batch, output: Tensor) -> Tensor:
