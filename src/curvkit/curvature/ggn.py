@@ -182,7 +182,7 @@ class GGN(OutputSpaceCurvature):
 
     Example:
         >>> G = GGN(model, nn.CrossEntropyLoss(), loader)
-        >>> G @ torch.randn(G.shape[1], 16)   # one batched pass for 16 columns
+        >>> G @ torch.randn(G.shape[1], 16)   # 16 columns, batched in memory-sized chunks
         >>> G.diagonal()                      # exact, (P,)
     """
 
