@@ -101,6 +101,14 @@ def build_methods(freq):
         "soap_subspace": lambda m, lr: SOAP(m.parameters(), lr=lr, betas=(0.9, 0.95),
                                             precondition_frequency=max(1, freq // 5),
                                             basis_update="subspace"),
+        # every axis above 256 split into 256-blocks: the step-time variant
+        "soap_block256": lambda m, lr: SOAP(m.parameters(), lr=lr, betas=(0.9, 0.95),
+                                            precondition_frequency=freq,
+                                            max_preconditioner_dim=256, large_dims="block"),
+        "klshampoo_block256": lambda m, lr: KLShampoo(m.parameters(), lr=lr, betas=(0.9, 0.95),
+                                                      precondition_frequency=freq,
+                                                      max_preconditioner_dim=256,
+                                                      large_dims="block"),
         "torch_muon": torch_muon,
         "heavyball_soap": heavyball_soap,
     }
