@@ -305,7 +305,8 @@ def main(argv=None):
                     help="train and write <out>.runs.json, no timing (time later on a quiet "
                          "machine with --runs-from)")
     ap.add_argument("--runs-from", default=None,
-                    help="take the training runs from a --train-only JSON; only time and report")
+                    help="take the training runs from a --train-only JSON; only time and report "
+                         "(the curves' wall-clock axis becomes steps × the measured step time)")
     ap.add_argument("--from-json", default=None,
                     help="only re-write the table and targets (.targets.md) from a saved JSON")
     args = ap.parse_args(argv)
@@ -354,6 +355,11 @@ def main(argv=None):
 
     timed = {n: all_methods[n] for n in best}
     full, only = interleaved_timing(timed, args, train, {n: best[n]["lr"] for n in best})
+    if args.runs_from:
+        # The runs trained under unknown load: put their wall-clock axis on the quiet, interleaved
+        # median step time measured just now (steps × seconds per step).
+        for n, r in best.items():
+            r["curve"] = [(step, step * full[n], loss) for step, _, loss in r["curve"]]
     rank = max(64, math.ceil(args.refresh_dim / 4))
     refresh_times = refresh_timing(args.refresh_dim, rank, args.refresh_repeats)
 
