@@ -424,14 +424,14 @@ def targets_markdown(out):
     def verdict(ok):
         return "yes" if ok else "**no**"
 
-    for m in ("klshampoo", "soap", "klsoap"):
+    for m in ("klshampoo", "soap", "klsoap", "soap_block256", "klshampoo_block256"):
         if m in rows:
             r = rows[m]
             ok = r["steps_ratio"] is not None and r["steps_ratio"] <= 0.75
             got = "not reached" if r["steps_ratio"] is None else f"{r['steps_ratio']:.2f}×"
             lines.append(f"| {m} reaches AdamW's final loss in ≤ 0.75× steps | {got} | "
                          f"{verdict(ok)} |")
-    for m in ("shampoo", "soap", "klshampoo", "klsoap"):
+    for m in ("shampoo", "soap", "klshampoo", "klsoap", "soap_block256", "klshampoo_block256"):
         if m in rows:
             r = rows[m]
             lines.append(f"| {m} full step ≤ 1.5× AdamW (freq 10) | {r['step_time_ratio']:.2f}× "
