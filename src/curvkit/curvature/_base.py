@@ -57,6 +57,25 @@ def column_chunk(saved_bytes: float, k: int, budget: int = COLUMN_BUDGET_BYTES) 
     return int(-(-k // -(-k // fit)))  # ceil(k / number of chunks)
 
 
+def grad_columns(outputs, inputs: list[Tensor], cotangents, *, retain_graph: bool
+                 ) -> list[Tensor]:
+    """Vector-Jacobian products of ``c`` cotangent columns: ``(c, *input.shape)`` per input.
+
+    ``cotangents`` is a tensor or a list of tensors (one per output) with a leading column
+    dimension. One column skips ``is_grads_batched`` (its ``vmap`` costs without batching
+    anything).
+    """
+    one = (cotangents if isinstance(cotangents, Tensor) else cotangents[0]).shape[0] == 1
+    if one:
+        first = cotangents[0] if isinstance(cotangents, Tensor) else [t[0] for t in cotangents]
+        res = torch.autograd.grad(outputs, inputs, first, retain_graph=retain_graph,
+                                  allow_unused=True, materialize_grads=True)
+        return [r.unsqueeze(0) for r in res]
+    return list(torch.autograd.grad(outputs, inputs, cotangents, retain_graph=retain_graph,
+                                    is_grads_batched=True, allow_unused=True,
+                                    materialize_grads=True))
+
+
 def split_columns(X: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
     """``(P, k)`` block → mapping name → ``(k, *shape)`` tangents (columns first, for vmap)."""
     sizes = [p.numel() for p in params.values()]

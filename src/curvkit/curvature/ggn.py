@@ -9,7 +9,13 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from curvkit.curvature._base import COLUMN_BUDGET_BYTES, CurvatureOperator, SavedBytes, column_chunk
+from curvkit.curvature._base import (
+    COLUMN_BUDGET_BYTES,
+    CurvatureOperator,
+    SavedBytes,
+    column_chunk,
+    grad_columns,
+)
 from curvkit.curvature.engine import Batch
 
 __all__ = ["GGN", "OutputSpaceCurvature"]
@@ -66,16 +72,7 @@ class OutputSpaceCurvature(CurvatureOperator):
         for start in range(0, k, c):  # chunks of columns: one batched tangent pass + backward
             chunk = {n: t[start:start + c] for n, t in V.items()}
             U = vmap(middle)(vmap(lambda v: jvp(f, (detached,), (v,))[1])(chunk))
-            last = start + c >= k
-            if U.shape[0] == 1:  # a last chunk of one column
-                res = torch.autograd.grad(out, inputs, U[0], retain_graph=not last,
-                                          allow_unused=True, materialize_grads=True)
-                res = [r.unsqueeze(0) for r in res]
-            else:
-                res = torch.autograd.grad(out, inputs, U, retain_graph=not last,
-                                          is_grads_batched=True, allow_unused=True,
-                                          materialize_grads=True)
-            parts.append(res)
+            parts.append(grad_columns(out, inputs, U, retain_graph=start + c < k))
         return [torch.cat(cols) for cols in zip(*parts)]
 
     def _saved_bytes(self, batch: Batch) -> float:

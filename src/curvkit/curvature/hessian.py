@@ -10,6 +10,7 @@ from curvkit.curvature._base import (
     CurvatureOperator,
     SavedBytes,
     column_chunk,
+    grad_columns,
 )
 from curvkit.curvature.engine import Batch
 
@@ -70,15 +71,5 @@ class Hessian(CurvatureOperator):
         parts = []
         for start in range(0, k, c):
             chunk = [tangents[i][start:start + c] for i in keep]
-            last = start + c >= k
-            if chunk[0].shape[0] == 1:
-                hv = torch.autograd.grad(outs, inputs, [t[0] for t in chunk],
-                                         retain_graph=not last, allow_unused=True,
-                                         materialize_grads=True)
-                hv = [h.unsqueeze(0) for h in hv]
-            else:
-                hv = torch.autograd.grad(outs, inputs, chunk, retain_graph=not last,
-                                         is_grads_batched=True, allow_unused=True,
-                                         materialize_grads=True)
-            parts.append(hv)
+            parts.append(grad_columns(outs, inputs, chunk, retain_graph=start + c < k))
         return [torch.cat(cols) for cols in zip(*parts)]
