@@ -301,3 +301,37 @@ def test_mapping_inputs_match_tensor_inputs():
     a = KFAC(FromDict(), nn.CrossEntropyLoss(), as_dict, other="dense").to_dense()
     b = KFAC(FromTensor(), nn.CrossEntropyLoss(), data, other="dense").to_dense()
     torch.testing.assert_close(a, b)
+
+
+class TokenConv(nn.Module):
+    """Embedding → Conv1d (reflect padding) → Linear per position, wide enough that the factor
+    Grams take the host BLAS's symmetric rank-k path."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 16, padding_idx=0)
+        self.conv = nn.Conv1d(16, 32, 3, padding=1, padding_mode="reflect")
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, tokens):
+        h = self.conv(self.embed(tokens).transpose(1, 2)).relu()
+        return self.head(h.transpose(1, 2))
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_integer_weights_equal_duplicated_examples(approx):
+    # Weight w_n on example n is the example repeated w_n times (w_n = 0: dropped), for every
+    # layer kind at once: one-hot embedding rows, convolution patches, per-position inputs.
+    torch.manual_seed(0)
+    model = TokenConv()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randint(0, 11, (40, 32), generator=g)
+    Y = torch.randn(40, 32, 3, generator=g)
+    w = torch.randint(0, 4, (40,), generator=g)
+    loss_fn = nn.MSELoss(reduction="sum")
+    K_w = KFAC(model, loss_fn, [(X, Y, w.double())], approx=approx)
+    K_d = KFAC(model, loss_fn, [(X.repeat_interleave(w, 0), Y.repeat_interleave(w, 0))],
+               approx=approx)
+    for layer, factors in K_d.factors.items():
+        for name, F in factors.items():
+            torch.testing.assert_close(K_w.factors[layer][name], F, msg=f"{layer}.{name}")

@@ -344,7 +344,8 @@ class DataEngine:
                 raise
 
     def reduce_over_data(self, fn: Callable[[Batch], list[Tensor]], *,
-                         desc: str | None = None, math_sdpa: bool = True) -> list[Tensor]:
+                         desc: str | None = None, math_sdpa: bool = True,
+                         owned: bool = False) -> list[Tensor]:
         """Sum ``fn(batch)`` over batches and ranks and normalise by the loss reduction.
 
         Args:
@@ -353,6 +354,8 @@ class DataEngine:
             math_sdpa: Run under ``context()`` (math attention kernel, needed to differentiate
                 twice). Callers that differentiate once (KFAC) pass ``False`` and keep PyTorch's
                 fast attention kernels.
+            owned: ``fn`` returns new tensors that nothing else refers to: sum and scale them
+                in place (no copies of large factors).
 
         Returns:
             The summed tensors times ``1/T`` (mean) or 1 (sum); ``T`` is counted in the same pass.
@@ -362,7 +365,12 @@ class DataEngine:
         with self.context() if math_sdpa else contextlib.nullcontext():
             for batch in self.batches(desc):
                 parts = fn(batch)
-                totals = parts if totals is None else [a + b for a, b in zip(totals, parts)]
+                if totals is None:
+                    totals = parts
+                elif owned:
+                    totals = [a.add_(b) for a, b in zip(totals, parts)]
+                else:
+                    totals = [a + b for a, b in zip(totals, parts)]
                 count += batch.count
         if totals is None:
             raise ValueError(f"{self.caller}: data yielded no batches.")
@@ -373,7 +381,9 @@ class DataEngine:
         if self.loss is not None:
             self._set_num_terms(count, counted=True)
         scale = self.loss_scale() if self.loss is not None else 1.0
-        return [t * scale for t in totals] if scale != 1.0 else totals
+        if scale == 1.0:
+            return totals
+        return [t.mul_(scale) for t in totals] if owned else [t * scale for t in totals]
 
     def for_each_batch(self, callback: Callable[[Batch, Tensor, float], None], *,
                        desc: str | None = None) -> None:

@@ -30,6 +30,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 
 from curvkit.curvature.engine import DataEngine, resolve_params
 from curvkit.curvature.kfac_blocks import Block, PermutedBlocks
-from curvkit.curvature.kfac_layers import gram
+from curvkit.curvature.kfac_layers import gram, gram_and_side
 from curvkit.curvature.kfac_pass import (
     FISHER_TYPES,
     FactorPass,
@@ -72,6 +73,19 @@ class LayerSpec:
         order = plan.rule.order if plan.is_kron else ""
         return cls(plan.path, "kron" if plan.is_kron else "norm", order, plan.weight, plan.bias,
                    plan.joint)
+
+
+def _joint_rows(off_w: int, off_b: int, groups: int, d_out: int, d_in: int, device) -> Tensor:
+    """Positions of the rows ``[W_r | b_r]`` of a joint layer, ``(groups, d_out·(d_in + 1))``."""
+    ix = torch.empty(groups, d_out, d_in + 1, dtype=torch.long, device=device)
+    ix[..., :-1] = torch.arange(off_w, off_w + groups * d_out * d_in,
+                                device=device).reshape(groups, d_out, d_in)
+    ix[..., -1] = torch.arange(off_b, off_b + groups * d_out, device=device).reshape(groups, d_out)
+    return ix.reshape(groups, -1)
+
+
+def _select(rows: Callable[[], Tensor], j: int) -> Tensor:
+    return rows()[j]
 
 
 class KFAC(LinearOperator):
@@ -188,12 +202,14 @@ class KFAC(LinearOperator):
         def per_batch(batch):
             out = fp.forward(batch)
             V = fp.vectors(batch, out, gen)
-            a_list = [fp.layer_inputs(p) if p.is_kron else None for p in fp.layers]
             if fp.check:
                 fp.check = False  # first batch only
                 V_check = V if V.shape[0] else backprop_vectors(self.loss, "empirical", out,
                                                                  batch, 1, gen)
+                a_list = [fp.layer_inputs(p, ones=False) if p.is_kron else None
+                          for p in fp.layers]
                 fp.verify(out, V_check[0], a_list)
+                del a_list
             acc: list[list[Tensor] | None] = [None] * len(fp.layers)
             for k in range(V.shape[0]):
                 grads, _ = fp.backward(out, V[k], retain=k < V.shape[0] - 1)
@@ -201,9 +217,9 @@ class KFAC(LinearOperator):
                     c = self._output_factor(fp, plan, g)
                     acc[i] = c if acc[i] is None else [x + y for x, y in zip(acc[i], c)]
             parts: list[Tensor] = []
-            for plan, a, c in zip(fp.layers, a_list, acc):
+            for plan, c in zip(fp.layers, acc):
                 if plan.is_kron:
-                    parts += self._input_factor(plan, a, batch)
+                    parts += self._input_factor(fp, plan, batch)
                 parts += c if c is not None else [out.new_zeros(1)]  # forward-only: G = I later
             if fp.others:
                 U = fp.other_gradients(batch, V)
@@ -214,26 +230,50 @@ class KFAC(LinearOperator):
         self._store(fp, totals)
         return self
 
-    def _input_factor(self, plan: LayerPlan, a: Tensor, batch) -> list[Tensor]:
-        """``[Σ w a aᵀ (groups, d, d), Σ w S (1,)]``: input factor sum and its normaliser."""
-        if self.approx == "reduce":
-            a = a.mean(dim=1, keepdim=True)
-            gram_fn = gram  # the mean over positions is no longer one-hot for embeddings
-        else:
-            gram_fn = plan.rule.input_gram
-        N, S = a.shape[:2]
+    def _input_factor(self, fp: FactorPass, plan: LayerPlan, batch) -> list[Tensor]:
+        """``[Σ w a aᵀ (groups, d, d), Σ w S (1,)]``: input factor sum and its normaliser.
+
+        Expand sums each call's Gram as its layer rule computes it best (no joined inputs). A
+        joint bias's column of ones is not appended: its row and column of the factor are
+        ``Σ w a`` and ``Σ w S`` (cheaper than a Gram one column wider, which also loses the
+        aligned width).
+        """
         w = batch.weights
-        if w is None:
-            return [gram_fn(a), a.new_tensor([float(N * S)])]
-        w = w.to(dtype=a.dtype, device=a.device)  # validated in FactorPass.forward
-        return [gram_fn(a * w.sqrt().reshape(-1, 1, 1, 1)), (w.sum() * S).reshape(1)]
+        if w is not None:  # validated in FactorPass.forward
+            w = w.to(dtype=self.dtype, device=self.device)
+        if self.approx == "reduce":
+            a = fp.layer_inputs(plan, ones=False).mean(dim=1, keepdim=True)
+            A, side = gram_and_side(a, w, plan.joint)
+            positions = 1
+        else:
+            A = side = None
+            positions = 0
+            for x, _ in plan.calls:
+                A_c, s_c, S_c = plan.rule.input_factor(plan.module, x, w, plan.joint)
+                A = A_c if A is None else A.add_(A_c)
+                side = s_c if side is None else side.add_(s_c)
+                positions += S_c
+        N = batch.batch_size
+        total = A.new_tensor(float(N * positions)) if w is None else w.sum() * positions
+        if plan.joint:
+            d = A.shape[-1]
+            joint = A.new_empty(A.shape[0], d + 1, d + 1)
+            joint[:, :d, :d] = A
+            joint[:, :d, d] = side
+            joint[:, d, :d] = side
+            joint[:, d, d] = total
+            A = joint
+        return [A, total.reshape(1)]
 
     def _output_factor(self, fp: FactorPass, plan: LayerPlan, grads: list[Tensor]) -> list[Tensor]:
         if plan.is_kron:
-            g = fp.layer_grads(plan, grads)  # (N, S, groups, d_out)
             if self.approx == "reduce":
-                g = g.sum(dim=1, keepdim=True)
-            return [gram(g)]
+                return [gram(fp.layer_grads(plan, grads).sum(dim=1, keepdim=True))]
+            G = None
+            for g in grads:  # one Gram per call, as the layer rule computes it best
+                G_c = plan.rule.output_gram(plan.module, g)
+                G = G_c if G is None else G.add_(G_c)
+            return [G]
         u = fp.norm_grads(plan, grads)
         if plan.joint:
             U = torch.cat([u["weight"], u["bias"]], dim=1)
@@ -252,7 +292,7 @@ class KFAC(LinearOperator):
         for plan, spec in zip(fp.layers, self.specs):
             if spec.kind == "kron":
                 A_sum, count, G = next(it), next(it), next(it)
-                A = A_sum / count
+                A = A_sum.div_(count)  # A_sum is the pass's own tensor
                 if self.fisher == "forward_only":
                     d_out = self._d_out(plan.module, spec, A.shape[0])
                     G = torch.eye(d_out, dtype=A.dtype, device=A.device).expand(
@@ -319,11 +359,10 @@ class KFAC(LinearOperator):
             one = torch.ones(1, 1, dtype=G.dtype, device=G.device)
             if spec.weight is not None:
                 n_w = sizes[spec.weight] // groups
-                if spec.joint:  # rows [W_r | b_r]: interleaved, an index tensor
-                    iw = off[spec.weight] + torch.arange(sizes[spec.weight], device=dev)
-                    ib = off[spec.bias] + torch.arange(groups * d_out, device=dev)
-                    ix = torch.cat([iw.reshape(groups, d_out, -1), ib.reshape(groups, d_out, 1)],
-                                   dim=2).reshape(groups, -1)
+                if spec.joint:  # rows [W_r | b_r]: interleaved, an index built on first use
+                    rows = functools.cache(functools.partial(_joint_rows, off[spec.weight], off[spec.bias],
+                                             groups, d_out, n_w // d_out, dev))
+                    ix = [functools.partial(_select, rows, j) for j in range(groups)]
                 else:
                     ix = [span(spec.weight, j * n_w, n_w) for j in range(groups)]
                 blocks += [Block(ix[j], "kron", (G[j], A[j]), spec.path, a_pos=1, key=("W", j))

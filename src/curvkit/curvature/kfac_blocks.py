@@ -8,7 +8,9 @@ scatter back; trace, log-determinant, eigendecomposition and inverses are comput
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +53,8 @@ class Block:
 
     Attributes:
         index: Positions of the block's entries in the flat ``params`` order, in the block's
-            own (canonical) order: a ``slice`` when contiguous, else an ``(n_b,)`` tensor.
+            own (canonical) order: a ``slice`` when contiguous, else an ``(n_b,)`` tensor or a
+            function returning it (built when a product first needs it).
         kind: ``"kron"`` (``data = (first, second)``: ``first ⊗ second``), ``"dense"``
             (``(M,)``), ``"diagonal"`` (``(d,)``) or ``"eigen"`` (``(Q_1, Q_2, λ)``:
             ``(Q_1 ⊗ Q_2) diag(λ) (Q_1 ⊗ Q_2)ᵀ``, EKFAC).
@@ -62,7 +65,7 @@ class Block:
             ``("b", j)`` (separate bias of group ``j``); lets EKFAC find its eigenvalues.
     """
 
-    index: Tensor | slice
+    index: Tensor | slice | Callable[[], Tensor]
     kind: str
     data: tuple[Tensor, ...]
     label: str
@@ -142,6 +145,21 @@ class Block:
         return lam, _Kron2(Q1, Q2)
 
 
+def _gather_index(blocks: list[Block], size: int, device) -> Tensor:
+    """The blocks' positions joined: the canonical order's gather index ``(P,)``."""
+    parts = []
+    for b in blocks:
+        if isinstance(b.index, slice):
+            parts.append(torch.arange(b.index.start, b.index.stop, device=device))
+        else:
+            parts.append(b.index() if callable(b.index) else b.index)
+    perm = torch.cat(parts)
+    if perm.shape[0] != size:
+        raise RuntimeError(f"KFAC: internal error, blocks cover {perm.shape[0]} of {size} "
+                           "entries.")
+    return perm
+
+
 def _scatter(Y: Tensor, perm: Tensor) -> Tensor:
     """``out[perm] = Y``: canonical rows back to ``params`` order."""
     out = torch.empty_like(Y)
@@ -156,20 +174,30 @@ def _shift(M: Tensor, d: float) -> Tensor:
 class Permuted(LinearOperator):
     """``Pᵀ B P`` for a square operator ``B`` in canonical order and the gather index ``perm``.
 
-    ``perm=None`` is the identity (no gather or scatter).
+    ``perm=None`` is the identity (no gather or scatter); a callable ``perm`` is evaluated at
+    the first use and kept.
     """
 
     is_symmetric = True
 
-    def __init__(self, inner: LinearOperator, perm: Tensor, in_shapes=None):
+    def __init__(self, inner: LinearOperator, perm: Tensor | Callable[[], Tensor] | None,
+                 in_shapes=None):
         super().__init__(inner.shape, dtype=inner.dtype, device=inner.device, in_shapes=in_shapes)
-        self.inner, self.perm = inner, perm
+        self.inner, self._perm = inner, perm
         self.is_psd = inner.is_psd
 
+    @property
+    def perm(self) -> Tensor | None:
+        """The gather index ``(P,)`` (``None``: identity)."""
+        if callable(self._perm):
+            self._perm = self._perm()
+        return self._perm
+
     def _matmat(self, X):
-        if self.perm is None:
+        perm = self.perm
+        if perm is None:
             return self.inner._matmat(X)
-        return _scatter(self.inner._matmat(X[self.perm]), self.perm)
+        return _scatter(self.inner._matmat(X[perm]), perm)
 
     def trace(self):
         return self.inner.trace()
@@ -198,7 +226,7 @@ class PermutedBlocks(Permuted):
     """``Pᵀ diag(B_1, ..., B_r) P`` with per-block trace, logdet, eigh, Frobenius norm, inverse."""
 
     def __init__(self, blocks: list[Block], size: int, in_shapes=None, device=None):
-        perm, end = None, 0
+        end = 0
         for b in blocks:
             if not isinstance(b.index, slice) or b.index.start != end:
                 break
@@ -206,12 +234,8 @@ class PermutedBlocks(Permuted):
         else:  # contiguous, in order: canonical order is the parameters' order
             if end != size:
                 raise RuntimeError(f"KFAC: internal error, blocks cover {end} of {size} entries.")
-        if end != size:
-            perm = torch.cat([torch.arange(b.index.start, b.index.stop, device=device)
-                              if isinstance(b.index, slice) else b.index for b in blocks])
-            if perm.shape[0] != size:
-                raise RuntimeError(f"KFAC: internal error, blocks cover {perm.shape[0]} of "
-                                   f"{size} entries.")
+        # The gather index is built at the first product: factor computation does not need it.
+        perm = None if end == size else functools.partial(_gather_index, blocks, size, device)
         super().__init__(BlockDiagonal([b.operator() for b in blocks]), perm, in_shapes)
         self.blocks = blocks
 

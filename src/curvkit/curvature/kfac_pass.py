@@ -185,10 +185,12 @@ class FactorPass:
     def reduce(self, fn, *, desc: str) -> list[Tensor]:
         """Sum ``fn(batch)`` over batches and ranks, times ``1/T`` (mean) or 1 (sum).
 
+        ``fn`` must return new tensors (they are summed and scaled in place).
+
         KFAC differentiates once, so it keeps PyTorch's fast attention kernels
         (``math_sdpa=False``); ``T``, the number of loss terms, is counted in the same pass.
         """
-        return self.engine.reduce_over_data(fn, desc=desc, math_sdpa=False)
+        return self.engine.reduce_over_data(fn, desc=desc, math_sdpa=False, owned=True)
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, plan: LayerPlan):
@@ -254,10 +256,13 @@ class FactorPass:
         self._first = False
 
     # ------------------------------------------------------------------ per-layer pieces
-    def layer_inputs(self, plan: LayerPlan) -> Tensor:
-        """``a`` of shape ``(N, S, groups, d_in [+1])`` over all calls (ones column if joint)."""
+    def layer_inputs(self, plan: LayerPlan, *, ones: bool = True) -> Tensor:
+        """``a`` of shape ``(N, S, groups, d_in [+1])`` over all calls.
+
+        With ``ones`` a joint layer's ``a`` gets its trailing column of ones.
+        """
         a = _cat([plan.rule.inputs(plan.module, x) for x, _ in plan.calls])
-        if plan.joint:
+        if ones and plan.joint:
             a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
         return a
 
@@ -317,7 +322,10 @@ class FactorPass:
 
     # ------------------------------------------------------------------ consistency check
     def verify(self, out: Tensor, v: Tensor, a_list: list[Tensor | None]) -> None:
-        """Raise if the hooked calls do not reproduce a planned parameter's gradient ``Jᵀv``."""
+        """Raise if the hooked calls do not reproduce a planned parameter's gradient ``Jᵀv``.
+
+        ``a_list``: per layer its inputs without the column of ones (``layer_inputs(ones=False)``).
+        """
         names = [n for plan in self.layers for n in (plan.weight, plan.bias) if n is not None]
         grads, true = self.backward(out, v, [self.params[n] for n in names], retain=True)
         true = dict(zip(names, true))
@@ -326,13 +334,10 @@ class FactorPass:
             if plan.is_kron:
                 g = self.layer_grads(plan, g_calls)
                 if plan.weight is not None and plan.rule.order == "GA":
-                    full = torch.einsum("nsgo,nsgi->goi", g, a)
-                    rebuilt[plan.weight] = full[..., :-1] if plan.joint else full
-                    if plan.joint:
-                        rebuilt[plan.bias] = full[..., -1]
+                    rebuilt[plan.weight] = torch.einsum("nsgo,nsgi->goi", g, a)
                 elif plan.weight is not None:
                     rebuilt[plan.weight] = torch.einsum("nsgi,nsgo->io", a, g)
-                if plan.bias is not None and not plan.joint:
+                if plan.bias is not None:
                     rebuilt[plan.bias] = g.sum(dim=(0, 1))
             else:
                 for role, u in self.norm_grads(plan, g_calls).items():
