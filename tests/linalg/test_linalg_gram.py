@@ -23,9 +23,16 @@ def test_large_cpu_grams_take_the_host_syrk_and_small_ones_do_not(monkeypatch):
     calls = []
     original = gram_module._host_syrk
     monkeypatch.setattr(gram_module, "_host_syrk", lambda m: calls.append(m.shape) or original(m))
-    gram(torch.randn(512, 129))
-    gram(torch.randn(512, 10))  # too narrow: torch's matmul
-    gram(torch.randn(64, 64))  # too little work
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gram(torch.randn(512, 129))
+        gram(torch.randn(512, 10))  # too narrow: torch's matmul
+        gram(torch.randn(64, 64))  # too little work
+        torch.set_num_threads(2)  # threads of two pools would compete: torch's matmul
+        gram(torch.randn(512, 129))
+    finally:
+        torch.set_num_threads(previous)
     assert calls == [(512, 129)]
 
 

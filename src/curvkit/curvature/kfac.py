@@ -30,7 +30,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -39,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.curvature.engine import DataEngine, resolve_params
-from curvkit.curvature.kfac_blocks import Block, PermutedBlocks
+from curvkit.curvature.kfac_blocks import Block, JointRows, PermutedBlocks
 from curvkit.curvature.kfac_layers import gram, gram_and_side
 from curvkit.curvature.kfac_pass import (
     FISHER_TYPES,
@@ -73,19 +72,6 @@ class LayerSpec:
         order = plan.rule.order if plan.is_kron else ""
         return cls(plan.path, "kron" if plan.is_kron else "norm", order, plan.weight, plan.bias,
                    plan.joint)
-
-
-def _joint_rows(off_w: int, off_b: int, groups: int, d_out: int, d_in: int, device) -> Tensor:
-    """Positions of the rows ``[W_r | b_r]`` of a joint layer, ``(groups, d_out·(d_in + 1))``."""
-    ix = torch.empty(groups, d_out, d_in + 1, dtype=torch.long, device=device)
-    ix[..., :-1] = torch.arange(off_w, off_w + groups * d_out * d_in,
-                                device=device).reshape(groups, d_out, d_in)
-    ix[..., -1] = torch.arange(off_b, off_b + groups * d_out, device=device).reshape(groups, d_out)
-    return ix.reshape(groups, -1)
-
-
-def _select(rows: Callable[[], Tensor], j: int) -> Tensor:
-    return rows()[j]
 
 
 class KFAC(LinearOperator):
@@ -359,10 +345,10 @@ class KFAC(LinearOperator):
             one = torch.ones(1, 1, dtype=G.dtype, device=G.device)
             if spec.weight is not None:
                 n_w = sizes[spec.weight] // groups
-                if spec.joint:  # rows [W_r | b_r]: interleaved, an index built on first use
-                    rows = functools.cache(functools.partial(_joint_rows, off[spec.weight], off[spec.bias],
-                                             groups, d_out, n_w // d_out, dev))
-                    ix = [functools.partial(_select, rows, j) for j in range(groups)]
+                if spec.joint:  # rows [W_r | b_r]: W and b runs interleaved row by row
+                    ix = [JointRows(span(spec.weight, j * n_w, n_w),
+                                    span(spec.bias, j * d_out, d_out), d_out, n_w // d_out)
+                          for j in range(groups)]
                 else:
                     ix = [span(spec.weight, j * n_w, n_w) for j in range(groups)]
                 blocks += [Block(ix[j], "kron", (G[j], A[j]), spec.path, a_pos=1, key=("W", j))

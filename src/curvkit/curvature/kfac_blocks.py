@@ -2,15 +2,15 @@
 
 KFAC's blocks act on a *canonical* layout (per layer and group, the joint ``[W | b]`` matrix
 row-major), which is a fixed permutation of the parameters' flat order. ``PermutedBlocks`` is
-``Pᵀ diag(B_1, ..., B_r) P`` for that permutation ``P``: products gather, apply the blocks and
-scatter back; trace, log-determinant, eigendecomposition and inverses are computed per block.
+``Pᵀ diag(B_1, ..., B_r) P`` for that permutation ``P``: products read each block's rows from
+the parameter order, apply the block and write its rows back (slices and copies of contiguous
+runs; an index only for the rare non-contiguous block), and trace, log-determinant,
+eigendecomposition and inverses are computed per block.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,70 @@ from curvkit.linalg import (
     SymmetricEigen,
 )
 
-__all__ = ["Block", "PermutedBlocks"]
+__all__ = ["Block", "JointRows", "PermutedBlocks"]
+
+
+@dataclass(frozen=True)
+class JointRows:
+    """The rows ``[W_r | b_r]`` of one group of a joint layer.
+
+    ``W`` and ``b`` are contiguous runs of the parameter order, ``(d_out, d_in)`` and
+    ``(d_out,)``; the block's order interleaves them row by row.
+    """
+
+    weight: slice
+    bias: slice
+    d_out: int
+    d_in: int
+
+    @property
+    def size(self) -> int:
+        """Number of entries, ``d_out (d_in + 1)``."""
+        return self.d_out * (self.d_in + 1)
+
+    def read(self, X: Tensor) -> Tensor:
+        """The block's rows of ``X (P, k)``: ``(d_out (d_in + 1), k)`` (one copy)."""
+        k = X.shape[1]
+        return torch.cat([X[self.weight].reshape(self.d_out, self.d_in, k),
+                          X[self.bias].reshape(self.d_out, 1, k)], dim=1).reshape(-1, k)
+
+    def write(self, out: Tensor, Y: Tensor) -> None:
+        """Copy the block's rows ``Y`` into ``out (P, k)`` at their parameter positions."""
+        k = Y.shape[1]
+        Y = Y.reshape(self.d_out, self.d_in + 1, k)
+        out[self.weight].view(self.d_out, self.d_in, k).copy_(Y[:, :-1])
+        out[self.bias].view(self.d_out, 1, k).copy_(Y[:, -1:])
+
+
+def _size(index) -> int:
+    if isinstance(index, slice):
+        return index.stop - index.start
+    return index.size if isinstance(index, JointRows) else index.shape[0]
+
+
+class _Layout:
+    """Moves rows between the parameter order and the blocks' canonical order."""
+
+    def __init__(self, indices: list, size: int):
+        total = sum(_size(ix) for ix in indices)
+        if total != size:
+            raise RuntimeError(f"KFAC: internal error, blocks cover {total} of {size} entries.")
+        self.indices, self.size = indices, size
+        self.sizes = [_size(ix) for ix in indices]
+
+    def read(self, X: Tensor) -> list[Tensor]:
+        """Per block its rows of ``X (P, k)``, in the block's order."""
+        return [X[ix] if not isinstance(ix, JointRows) else ix.read(X) for ix in self.indices]
+
+    def write(self, parts: list[Tensor]) -> Tensor:
+        """The inverse of ``read``: ``(P, k)`` in the parameter order."""
+        out = parts[0].new_empty(self.size, parts[0].shape[1])
+        for ix, Y in zip(self.indices, parts):
+            if isinstance(ix, JointRows):
+                ix.write(out, Y)
+            else:
+                out[ix] = Y
+        return out
 
 
 class _Kron2(Kronecker):
@@ -53,8 +116,8 @@ class Block:
 
     Attributes:
         index: Positions of the block's entries in the flat ``params`` order, in the block's
-            own (canonical) order: a ``slice`` when contiguous, else an ``(n_b,)`` tensor or a
-            function returning it (built when a product first needs it).
+            own (canonical) order: a ``slice`` when contiguous, ``JointRows`` for a joint
+            ``[W | b]`` group, else an ``(n_b,)`` index tensor.
         kind: ``"kron"`` (``data = (first, second)``: ``first ⊗ second``), ``"dense"``
             (``(M,)``), ``"diagonal"`` (``(d,)``) or ``"eigen"`` (``(Q_1, Q_2, λ)``:
             ``(Q_1 ⊗ Q_2) diag(λ) (Q_1 ⊗ Q_2)ᵀ``, EKFAC).
@@ -65,7 +128,7 @@ class Block:
             ``("b", j)`` (separate bias of group ``j``); lets EKFAC find its eigenvalues.
     """
 
-    index: Tensor | slice | Callable[[], Tensor]
+    index: Tensor | slice | JointRows
     kind: str
     data: tuple[Tensor, ...]
     label: str
@@ -145,81 +208,61 @@ class Block:
         return lam, _Kron2(Q1, Q2)
 
 
-def _gather_index(blocks: list[Block], size: int, device) -> Tensor:
-    """The blocks' positions joined: the canonical order's gather index ``(P,)``."""
-    parts = []
-    for b in blocks:
-        if isinstance(b.index, slice):
-            parts.append(torch.arange(b.index.start, b.index.stop, device=device))
-        else:
-            parts.append(b.index() if callable(b.index) else b.index)
-    perm = torch.cat(parts)
-    if perm.shape[0] != size:
-        raise RuntimeError(f"KFAC: internal error, blocks cover {perm.shape[0]} of {size} "
-                           "entries.")
-    return perm
-
-
-def _scatter(Y: Tensor, perm: Tensor) -> Tensor:
-    """``out[perm] = Y``: canonical rows back to ``params`` order."""
-    out = torch.empty_like(Y)
-    out[perm] = Y
-    return out
-
-
 def _shift(M: Tensor, d: float) -> Tensor:
     return M + d * torch.eye(M.shape[0], dtype=M.dtype, device=M.device) if d else M
 
 
 class Permuted(LinearOperator):
-    """``Pᵀ B P`` for a square operator ``B`` in canonical order and the gather index ``perm``.
+    """``Pᵀ diag(B_1, ..., B_r) P``: blocks ``ops`` in canonical order, placed by ``layout``.
 
-    ``perm=None`` is the identity (no gather or scatter); a callable ``perm`` is evaluated at
-    the first use and kept.
+    ``layout=None``: the blocks are contiguous and in the parameter order (no reordering).
     """
 
     is_symmetric = True
 
-    def __init__(self, inner: LinearOperator, perm: Tensor | Callable[[], Tensor] | None,
-                 in_shapes=None):
+    def __init__(self, ops: list[LinearOperator], layout: _Layout | None, in_shapes=None):
+        inner = BlockDiagonal(ops)
         super().__init__(inner.shape, dtype=inner.dtype, device=inner.device, in_shapes=in_shapes)
-        self.inner, self._perm = inner, perm
+        self.inner, self.layout = inner, layout
         self.is_psd = inner.is_psd
 
-    @property
-    def perm(self) -> Tensor | None:
-        """The gather index ``(P,)`` (``None``: identity)."""
-        if callable(self._perm):
-            self._perm = self._perm()
-        return self._perm
-
     def _matmat(self, X):
-        perm = self.perm
-        if perm is None:
+        if self.layout is None:
             return self.inner._matmat(X)
-        return _scatter(self.inner._matmat(X[perm]), perm)
+        parts = self.layout.read(X)
+        return self.layout.write([op._matmat(x) for op, x in zip(self.inner.blocks, parts)])
 
     def trace(self):
         return self.inner.trace()
 
     def diagonal(self):
-        d = self.inner.diagonal()
-        return d if self.perm is None else _scatter(d, self.perm)
+        if self.layout is None:
+            return self.inner.diagonal()
+        d = [op.diagonal().unsqueeze(1) for op in self.inner.blocks]
+        return self.layout.write(d)[:, 0]
 
 
 class _ScatterRows(LinearOperator):
-    """``Pᵀ Q``: the columns of ``Q`` (canonical rows) moved to ``params`` order."""
+    """``Pᵀ Q``: the rows of the block-diagonal ``Q`` moved to the parameter order.
 
-    def __init__(self, Q: LinearOperator, perm: Tensor):
+    Its columns (eigen-coordinates) stay in canonical order.
+    """
+
+    def __init__(self, Q: BlockDiagonal, layout: _Layout | None):
         super().__init__(Q.shape, dtype=Q.dtype, device=Q.device)
-        self.Q, self.perm = Q, perm
+        self.Q, self.layout = Q, layout
 
     def _matmat(self, X):
-        Y = self.Q._matmat(X)
-        return Y if self.perm is None else _scatter(Y, self.perm)
+        if self.layout is None:
+            return self.Q._matmat(X)
+        parts = X.split(self.layout.sizes)
+        return self.layout.write([q._matmat(x) for q, x in zip(self.Q.blocks, parts)])
 
     def _rmatmat(self, Y):
-        return self.Q._rmatmat(Y if self.perm is None else Y[self.perm])
+        if self.layout is None:
+            return self.Q._rmatmat(Y)
+        parts = self.layout.read(Y)
+        return torch.cat([q._rmatmat(y) for q, y in zip(self.Q.blocks, parts)])
 
 
 class PermutedBlocks(Permuted):
@@ -234,9 +277,8 @@ class PermutedBlocks(Permuted):
         else:  # contiguous, in order: canonical order is the parameters' order
             if end != size:
                 raise RuntimeError(f"KFAC: internal error, blocks cover {end} of {size} entries.")
-        # The gather index is built at the first product: factor computation does not need it.
-        perm = None if end == size else functools.partial(_gather_index, blocks, size, device)
-        super().__init__(BlockDiagonal([b.operator() for b in blocks]), perm, in_shapes)
+        layout = None if end == size else _Layout([b.index for b in blocks], size)
+        super().__init__([b.operator() for b in blocks], layout, in_shapes)
         self.blocks = blocks
 
     def logdet(self, damping: float = 0.0) -> Tensor:
@@ -251,7 +293,7 @@ class PermutedBlocks(Permuted):
         """Eigenvalues and the eigenvector operator in ``params`` order."""
         pairs = [b.eigh() for b in self.blocks]
         Q = BlockDiagonal([Q for _, Q in pairs])
-        return torch.cat([lam for lam, _ in pairs]), _ScatterRows(Q, self.perm)
+        return torch.cat([lam for lam, _ in pairs]), _ScatterRows(Q, self.layout)
 
     def inverse(self, damping: float = 0.0, *, heuristic: str | None = None,
                 exact: bool = False) -> LinearOperator:
@@ -259,5 +301,5 @@ class PermutedBlocks(Permuted):
         damping = float(damping)
         if not math.isfinite(damping) or damping < 0:
             raise ValueError(f"KFAC.inverse: damping must be a finite number >= 0; got {damping}.")
-        inv = BlockDiagonal([b.inverse(damping, heuristic, exact) for b in self.blocks])
-        return Permuted(inv, self.perm, self.in_shapes)
+        ops = [b.inverse(damping, heuristic, exact) for b in self.blocks]
+        return Permuted(ops, self.layout, self.in_shapes)
