@@ -8,7 +8,10 @@ one thread for the call (threadpoolctl, which scikit-learn already installs). On
 PyTorch itself runs one thread: with more, PyTorch's OpenMP workers and NumPy's BLAS threads
 spin against each other (measured on 2 cores: the KFAC factors of an MLP took 2.3x longer
 than with ``m.T @ m``, whose multi-threaded GEMM also leaves less to gain). Everything else
-(GPU, autograd, several threads, other dtypes, small matrices) is ``m.T @ m``, symmetrised.
+(GPU, autograd, several threads, other dtypes, small matrices) is ``m.T @ m``, whose two
+triangles can differ by round-off. (Several Grams side by side on Python threads, one
+intra-op thread each, were tried for two threads: PyTorch's OpenMP workers keep spinning after
+the backward pass and delayed them by milliseconds, so the MLP's factors got 10 % slower.)
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def _host_syrk(m: Tensor) -> Tensor:
 
 
 def gram(m: Tensor) -> Tensor:
-    """``mᵀ m`` for ``m: (N, d)``, shape ``(d, d)``, exactly symmetric.
+    """``mᵀ m`` for ``m: (N, d)``, shape ``(d, d)``.
 
     Uses the host BLAS's symmetric rank-k update for large float32/float64 CPU matrices outside
     autograd when PyTorch runs one thread, ``m.T @ m`` otherwise.
@@ -57,5 +60,4 @@ def gram(m: Tensor) -> Tensor:
             and d >= _MIN_DIM and N * d * d >= _MIN_WORK and torch.get_num_threads() == 1
             and not (m.requires_grad and torch.is_grad_enabled())):
         return _host_syrk(m.detach())
-    G = m.T @ m
-    return (G + G.T) / 2  # the two triangles can differ by round-off
+    return m.T @ m
