@@ -132,7 +132,9 @@ def backprop_vectors(loss: OutputLoss, fisher: str, out: Tensor, batch: Batch, m
                 eye = torch.eye(D, dtype=out.dtype, device=out.device)
                 V = root.unsqueeze(0) * eye.reshape(D, *([1] * (out.ndim - 1)), D)
     elif fisher == "mc":
-        V = loss.sample_gradients(out, batch.y, mc_samples, generator) / math.sqrt(mc_samples)
+        V = loss.sample_gradients(out, batch.y, mc_samples, generator)
+        if mc_samples > 1:
+            V = V / math.sqrt(mc_samples)
     elif fisher == "empirical":
         o = out.clone().requires_grad_(True)
         with torch.enable_grad():

@@ -202,12 +202,13 @@ class _CrossEntropy(OutputLoss):
         cdf = p.cumsum(dim=-1)
         u = torch.rand((N, T, mc_samples), generator=generator, dtype=p.dtype, device=p.device)
         labels = torch.searchsorted(cdf, u * cdf[..., -1:]).clamp_(max=C - 1)  # (N, T, M)
-        G = p.unsqueeze(0).repeat(mc_samples, 1, 1, 1)  # gradient of −log softmax at the label
+        # gradient of −log softmax at the label; p is ours, so one sample reuses it
+        G = p.unsqueeze(0) if mc_samples == 1 else p.unsqueeze(0).repeat(mc_samples, 1, 1, 1)
         G.scatter_add_(-1, labels.permute(2, 0, 1).unsqueeze(-1),
                        torch.full((1, 1, 1, 1), -1.0, dtype=p.dtype, device=p.device)
                        .expand(mc_samples, N, T, 1))
         w = self._term_weights(y, p.dtype)
-        if w is not None:
+        if w is not None and not (self.weight is None and bool((w == 1).all())):
             G = G * w.reshape(1, N, T, 1)
         shape = output.shape  # back to the output layout, as views
         return G.reshape(mc_samples, shape[0], *shape[2:], shape[1]).movedim(-1, 2)
