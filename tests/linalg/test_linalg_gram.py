@@ -51,3 +51,18 @@ def test_autograd_inputs_keep_their_graph():
     assert G.requires_grad
     (g,) = torch.autograd.grad(G.sum(), m)
     torch.testing.assert_close(g, 2 * m.detach() @ torch.ones(129, 129))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_wide_grams_on_every_path(threads):
+    # One thread: the host syrk (also from a transposed, column-major view, without a copy);
+    # two threads: upper blocks mirrored. Both equal the matmul in float64.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        J = torch.randn(300, 1100, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(gram(J), J.T @ J, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(gram(J.T), J @ J.T, rtol=1e-12, atol=1e-10)
+        assert torch.equal(gram(J), gram(J).T) or threads == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -141,12 +141,3 @@ def test_bad_batch_raises():
         linearize(model, problem, Batch(torch.rand(4, 3), torch.rand(4, 2)))
     with pytest.raises(ValueError, match="kernel: method must be"):
         linearize(model, problem, problem.sample(3, 2)).kernel(method="svd")
-
-
-@pytest.mark.parametrize("n", [1, 3, 10, 37])
-def test_symmetric_product_matches_matmul(n):
-    from curvkit.pinn.jacobian import symmetric_product
-
-    A = torch.randn(n, 6, generator=torch.Generator().manual_seed(n))
-    torch.testing.assert_close(symmetric_product(A), A @ A.T, rtol=1e-14, atol=1e-14)
-    torch.testing.assert_close(symmetric_product(A.T), A.T @ A, rtol=1e-14, atol=1e-14)

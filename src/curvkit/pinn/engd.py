@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvkit.linalg import ConvergenceWarning, LinearOperator, cg
+from curvkit.linalg.gram import gram
 from curvkit.pinn._mlp import mlp_derivatives, mlp_structure
-from curvkit.pinn.jacobian import linearize, symmetric_product
+from curvkit.pinn.jacobian import linearize
 from curvkit.pinn.problems import Batch, Problem
 from curvkit.pinn.residuals import residual_function
 from curvkit.pinn.solves import damped_cholesky_solve
@@ -220,7 +221,7 @@ class ENGD(NaturalGradientBase):
 
     def _direction(self, lin, group, params):
         J = lin.to_dense()
-        G = symmetric_product(J.T)
+        G = gram(J)
         return -damped_cholesky_solve(G, J.T @ lin.residual, group["damping"], caller="ENGD")
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.linalg import LinearOperator
+from curvkit.linalg.gram import gram
 from curvkit.pinn._mlp import forward_laplacian, mlp_structure
 from curvkit.pinn.problems import Batch, Derivatives, Problem
 from curvkit.pinn.residuals import _check_batch, _check_dims, _evaluate, _operator
@@ -177,33 +178,13 @@ class ResidualJacobian(LinearOperator):
                                     layer["a"][g_], layer["g"][g_], layer["bias"]
                                 )
                         if gi == gj:
-                            block = symmetric_product(blocks[gi])
+                            block = gram(blocks[gi].T)
                         else:
                             block = blocks[gi] @ blocks[gj].T
                     K[rows, cols] += block
                     if gj != gi:
                         K[cols, rows] += block.T
         return K
-
-
-def symmetric_product(A: Tensor, *, num_blocks: int = 4) -> Tensor:
-    """``A Aᵀ`` for ``A: (n, p)`` from the upper row blocks only, mirrored: ~``(b+1)/2b`` of the flops.
-
-    BLAS ``gemm`` does not know that the product is symmetric; computing the ``b(b+1)/2`` upper
-    blocks of a ``b × b`` block partition saves 37 % of the work for ``b = 4``.
-    """
-    n = A.shape[0]
-    bounds = [round(i * n / num_blocks) for i in range(num_blocks + 1)]
-    out = A.new_empty(n, n)
-    for i in range(num_blocks):
-        rows = slice(bounds[i], bounds[i + 1])
-        for j in range(i, num_blocks):
-            cols = slice(bounds[j], bounds[j + 1])
-            block = A[rows] @ A[cols].T
-            out[rows, cols] = block
-            if j != i:
-                out[cols, rows] = block.T
-    return out
 
 
 def _group_block(a: Tensor, g: Tensor, bias: bool) -> Tensor:
