@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from curvkit.curvature.engine import DataEngine, resolve_params
 from curvkit.curvature.kfac_blocks import Block, JointRows, PermutedBlocks
-from curvkit.curvature.kfac_layers import gram, gram_and_side
+from curvkit.curvature.kfac_layers import gram_and_side, grouped_gram
 from curvkit.curvature.kfac_pass import (
     FISHER_TYPES,
     FactorPass,
@@ -254,7 +254,7 @@ class KFAC(LinearOperator):
     def _output_factor(self, fp: FactorPass, plan: LayerPlan, grads: list[Tensor]) -> list[Tensor]:
         if plan.is_kron:
             if self.approx == "reduce":
-                return [gram(fp.layer_grads(plan, grads).sum(dim=1, keepdim=True))]
+                return [grouped_gram(fp.layer_grads(plan, grads).sum(dim=1, keepdim=True))]
             G = None
             for g in grads:  # one Gram per call, as the layer rule computes it best
                 G_c = plan.rule.output_gram(plan.module, g)

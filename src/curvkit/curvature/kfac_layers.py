@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from curvkit.linalg.gram import gram as sym_gram
+from curvkit.linalg.gram import gram
 
 __all__ = ["KroneckerRule", "NormRule", "rule_for"]
 
@@ -53,14 +53,14 @@ def gram_and_side(a: Tensor, w: Tensor | None, side: bool, gram_fn=None
         s = (a if w is None else a * _per_example(w, a)).sum(dim=(0, 1))
     if w is not None:
         a = a * _per_example(w.sqrt(), a)
-    return (gram_fn or gram)(a), s
+    return (gram_fn or grouped_gram)(a), s
 
 
-def gram(t: Tensor) -> Tensor:
+def grouped_gram(t: Tensor) -> Tensor:
     """``Σ_{n,s} t tᵀ`` per group: ``(N, S, groups, d)`` → ``(groups, d, d)``."""
     flat = t.reshape(-1, t.shape[2], t.shape[3])
     if flat.shape[1] == 1:  # one symmetric rank-k update (half a matmul) on CPU
-        return sym_gram(flat[:, 0]).unsqueeze(0)
+        return gram(flat[:, 0]).unsqueeze(0)
     return torch.bmm(flat.permute(1, 2, 0), flat.permute(1, 0, 2))
 
 
@@ -88,7 +88,7 @@ class KroneckerRule:
 
     def input_gram(self, a: Tensor) -> Tensor:
         """``Σ_{n,s} a aᵀ`` per group, ``(groups, d_in, d_in)``, for ``a: (N, S, groups, d_in)``."""
-        return gram(a)
+        return grouped_gram(a)
 
     def input_factor(self, module: nn.Module, x: Tensor, w: Tensor | None,
                      side: bool) -> tuple[Tensor, Tensor | None, int]:
@@ -110,7 +110,7 @@ class KroneckerRule:
 
     def output_gram(self, module: nn.Module, g: Tensor) -> Tensor:
         """``Σ_{n,s} g gᵀ`` per group, ``(groups, d_out, d_out)``, from the output gradient."""
-        return gram(self.grads(module, g))
+        return grouped_gram(self.grads(module, g))
 
 
 class LinearRule(KroneckerRule):
@@ -187,7 +187,7 @@ def patch_gram(x: Tensor, module: _ConvNd) -> tuple[Tensor, int]:
         n = min(chunk, N - i)
         part = buf[:n]
         part.copy_(windows[i:i + n])
-        G = sym_gram(part.reshape(n * S, K * C))
+        G = gram(part.reshape(n * S, K * C))
         A = G if A is None else A.add_(G)
     perm = torch.arange(K * C, device=x.device).reshape(K, C).T.reshape(-1)
     return A[perm][:, perm], S
