@@ -132,28 +132,33 @@ def _pad(x: Tensor, module: _ConvNd) -> Tensor:
     return x
 
 
+def _windows(x: Tensor, module: _ConvNd) -> Tensor:
+    """Convolution windows of ``x: (N, C, *spatial)``: a view ``(N, o_1..o_d, C, k_1..k_d)``.
+
+    The view is of the padded input laid out channels last.
+
+    Padding (any ``padding_mode``, ``"same"`` included), stride and dilation as the module does.
+    """
+    d = x.ndim - 2
+    k, stride, dil = module.kernel_size, module.stride, module.dilation
+    windows = _pad(x, module).movedim(1, -1).contiguous()  # (N, *spatial, C)
+    for i in range(d):  # appends a window axis of length `span` at the end
+        span = dil[i] * (k[i] - 1) + 1
+        windows = windows.unfold(1 + i, span, stride[i])[..., :: dil[i]]
+    return windows
+
+
 def unfold_nd(x: Tensor, module: _ConvNd) -> Tensor:
     """Convolution patches of ``x: (N, C_in, *spatial)`` as ``(N, S, C_in·Πk)``.
 
     Row-major patch layout ``(C_in, k_1, ..., k_d)``, matching the convolution weight
     ``(C_out, C_in/groups, k_1, ..., k_d)`` flattened; ``S`` is the number of output pixels.
-    Padding (any ``padding_mode``, ``"same"`` included), stride and dilation as the module does.
+    One copy from the channels-last windows (25 % faster than from the channels-first input,
+    several times faster than F.unfold followed by the transpose it needs).
     """
     d = x.ndim - 2
-    x = _pad(x, module)
-    k, stride, dil = module.kernel_size, module.stride, module.dilation
-    # Windows as a strided view, then one permuting copy straight into (N, S, C·Πk): several
-    # times faster on CPU than F.unfold (im2col) followed by the transpose it needs.
-    patches = x
-    for i in range(d):
-        span = dil[i] * (k[i] - 1) + 1
-        # unfold dim 2+i into windows: appends a window axis of length `span` at the end
-        patches = patches.unfold(2 + i, span, stride[i])[..., :: dil[i]]
-    # (N, C, o_1..o_d, k_1..k_d) -> (N, o_1..o_d, C, k_1..k_d) -> (N, S, C·Πk)
-    N, C = x.shape[:2]
-    out_sizes = patches.shape[2:2 + d]
-    perm = [0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d)]
-    return patches.permute(perm).reshape(N, math.prod(out_sizes), C * math.prod(k))
+    windows = _windows(x, module)
+    return windows.reshape(x.shape[0], math.prod(windows.shape[1:1 + d]), -1)
 
 
 # Patches are copied chunk by chunk into one reused buffer of about this size: fresh large
@@ -173,13 +178,8 @@ def patch_gram(x: Tensor, module: _ConvNd) -> tuple[Tensor, int]:
     """
     d = x.ndim - 2
     N, C = x.shape[:2]
-    k, stride, dil = module.kernel_size, module.stride, module.dilation
-    windows = _pad(x, module).movedim(1, -1).contiguous()  # (N, *spatial, C)
-    for i in range(d):  # appends a window axis of length `span` at the end
-        span = dil[i] * (k[i] - 1) + 1
-        windows = windows.unfold(1 + i, span, stride[i])[..., :: dil[i]]
-    windows = windows.movedim(1 + d, -1)  # (N, o_1..o_d, k_1..k_d, C): a strided view
-    S, K = math.prod(windows.shape[1:1 + d]), math.prod(k)
+    windows = _windows(x, module).movedim(1 + d, -1)  # (N, o_1..o_d, k_1..k_d, C), a view
+    S, K = math.prod(windows.shape[1:1 + d]), math.prod(module.kernel_size)
     chunk = max(1, min(N, PATCH_CHUNK_BYTES // max(1, S * K * C * x.element_size())))
     buf = x.new_empty(chunk, *windows.shape[1:])
     A = None
