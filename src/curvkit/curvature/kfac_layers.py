@@ -182,7 +182,7 @@ def patch_gram(x: Tensor, module: _ConvNd) -> tuple[Tensor, int]:
     S, K = math.prod(windows.shape[1:1 + d]), math.prod(module.kernel_size)
     chunk = max(1, min(N, PATCH_CHUNK_BYTES // max(1, S * K * C * x.element_size())))
     buf = x.new_empty(chunk, *windows.shape[1:])
-    A = None
+    A = x.new_zeros(K * C, K * C) if N == 0 else None
     for i in range(0, N, chunk):
         n = min(chunk, N - i)
         part = buf[:n]
