@@ -71,11 +71,11 @@ class _Layout:
     """Moves rows between the parameter order and the blocks' canonical order."""
 
     def __init__(self, indices: list, size: int):
-        total = sum(_size(ix) for ix in indices)
-        if total != size:
-            raise RuntimeError(f"KFAC: internal error, blocks cover {total} of {size} entries.")
         self.indices, self.size = indices, size
         self.sizes = [_size(ix) for ix in indices]
+        if sum(self.sizes) != size:
+            raise RuntimeError(f"KFAC: internal error, blocks cover {sum(self.sizes)} of {size} "
+                               "entries.")
 
     def read(self, X: Tensor) -> list[Tensor]:
         """Per block its rows of ``X (P, k)``, in the block's order."""

@@ -208,7 +208,7 @@ class _CrossEntropy(OutputLoss):
                        torch.full((1, 1, 1, 1), -1.0, dtype=p.dtype, device=p.device)
                        .expand(mc_samples, N, T, 1))
         w = self._term_weights(y, p.dtype)
-        if w is not None and not (self.weight is None and bool((w == 1).all())):
+        if w is not None and not bool((w == 1).all()):  # ignored tokens (no class weights here)
             G = G * w.reshape(1, N, T, 1)
         shape = output.shape  # back to the output layout, as views
         return G.reshape(mc_samples, shape[0], *shape[2:], shape[1]).movedim(-1, 2)
