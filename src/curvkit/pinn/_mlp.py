@@ -211,7 +211,9 @@ def mlp_derivatives(
             if b_index is not None:
                 value = value + params[b_index]
             if order >= 1:
-                grads = W.T.unsqueeze(0) if first else grads @ W.T
+                # Contiguous: a transposed view would pass its layout on to f1 * grads, whose
+                # next product would then run as N tiny batched matmuls instead of one GEMM.
+                grads = W.T.contiguous().unsqueeze(0) if first else grads @ W.T
             if order >= 2:
                 lap = None if lap is None else lap @ W.T  # no activation yet: no 2nd order
             first = False
