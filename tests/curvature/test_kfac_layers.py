@@ -335,3 +335,40 @@ def test_integer_weights_equal_duplicated_examples(approx):
     for layer, factors in K_d.factors.items():
         for name, F in factors.items():
             torch.testing.assert_close(K_w.factors[layer][name], F, msg=f"{layer}.{name}")
+
+
+class SequenceFirst(nn.Module):
+    """Linear layers that see ``(S, N, D)``: the batch is not their leading dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x.transpose(0, 1))).transpose(0, 1)
+
+
+class FoldedFrames(nn.Module):
+    """A Conv1d over ``(N·T, C, L)``: frames folded into the batch dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+
+    def forward(self, x):
+        N, T = x.shape[:2]
+        return self.conv(x.flatten(0, 1)).transpose(1, 2).reshape(N, T, -1, 3)
+
+
+@pytest.mark.parametrize("case", ["sequence_first", "folded_frames"])
+def test_expand_normalises_inputs_not_batch_first(case):
+    # Expand averages A over all input rows (N·S); counting N times the positions of the
+    # layer's own leading dimension gave A off by S / N here.
+    torch.manual_seed(0)
+    if case == "sequence_first":
+        model, data = SequenceFirst(), regression_data((5, 3), (5, 2), sizes=(2, 3))
+    else:
+        model, data = FoldedFrames(), regression_data((4, 2, 5), (4, 5, 3), sizes=(2, 3))
+    loss_fn = nn.MSELoss()
+    K = KFAC(model, loss_fn, data).to_dense()
+    assert_layer_blocks(K, dense_ggn(model, loss_fn, data), model)

@@ -227,20 +227,27 @@ class KFAC(LinearOperator):
         w = batch.weights
         if w is not None:  # validated in FactorPass.forward
             w = w.to(dtype=self.dtype, device=self.device)
+        N = batch.batch_size
         if self.approx == "reduce":
             a = fp.layer_inputs(plan, ones=False).mean(dim=1, keepdim=True)
             A, side = gram_and_side(a, w, plan.joint)
-            positions = 1
+            rows = N
         else:
             A = side = None
-            positions = 0
+            rows = 0
             for x, _ in plan.calls:
-                A_c, s_c, S_c = plan.rule.input_factor(plan.module, x, w, plan.joint)
+                A_c, s_c, R_c = plan.rule.input_factor(plan.module, x, w, plan.joint)
                 A = A_c if A is None else A.add_(A_c)
                 side = s_c if side is None else side.add_(s_c)
-                positions += S_c
-        N = batch.batch_size
-        total = A.new_tensor(float(N * positions)) if w is None else w.sum() * positions
+                rows += R_c
+        # Normalise by the number of input rows summed, not N times the positions of one call:
+        # a layer may see the batch elsewhere than in front ((S, N, D) in a sequence-first
+        # model, (N·T, C, H, W) folded frames). Weights need batch-first inputs, so there the
+        # rows are N·S and the total is Σ w · S.
+        if w is None:
+            total = A.new_tensor(float(rows))
+        else:
+            total = w.sum() * (rows // N if N else 0)
         if plan.joint:
             d = A.shape[-1]
             joint = A.new_empty(A.shape[0], d + 1, d + 1)

@@ -102,11 +102,12 @@ class KroneckerRule:
 
         Returns:
             ``Σ w a aᵀ (groups, d_in, d_in)``, ``Σ w a (groups, d_in)`` or ``None``, and the
-            number of positions ``S``. Rules override this where the sums are cheaper than
-            through ``inputs`` (convolutions).
+            number of rows ``a`` summed, ``x.shape[0] · S`` (``N · S`` for a batch-first input).
+            Rules override this where the sums are cheaper than through ``inputs``
+            (convolutions).
         """
         a = self.inputs(module, x)
-        return (*gram_and_side(a, w, side, self.input_gram), a.shape[1])
+        return (*gram_and_side(a, w, side, self.input_gram), a.shape[0] * a.shape[1])
 
     def output_gram(self, module: nn.Module, g: Tensor) -> Tensor:
         """``Σ_{n,s} g gᵀ`` per group, ``(groups, d_out, d_out)``, from the output gradient."""
@@ -204,7 +205,7 @@ class ConvRule(KroneckerRule):
         if side:  # Σ_n w_n patches_n = patches of Σ_n w_n x_n (padding is linear in x)
             xw = x if w is None else x * _per_example(w, x)
             s = unfold_nd(xw.sum(0, keepdim=True), module).sum(dim=(0, 1)).unsqueeze(0)
-        return A.unsqueeze(0), s, S
+        return A.unsqueeze(0), s, x.shape[0] * S
 
     def output_gram(self, module, g):
         if module.groups != 1:
