@@ -81,3 +81,20 @@ def test_bad_solver_options_raise():
         kernel_solve(lin, lin.residual, damping=1.0, solver="nystrom", rank=11)
     with pytest.raises(ValueError, match="needs damping > 0"):
         kernel_solve(lin, lin.residual, damping=0.0, solver="nystrom", rank=3)
+
+
+def test_damped_cholesky_solve_leaves_the_matrix_unchanged():
+    """The damping is added to the diagonal in place and restored bit for bit, also on failure."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(6, 4, dtype=torch.float64, generator=g)
+    M = A @ A.T  # rank 4: needs the damping
+    before = M.clone()
+    b = torch.randn(6, dtype=torch.float64, generator=g)
+    x = damped_cholesky_solve(M, b, 1e-3, caller="test")
+    assert torch.equal(M, before)
+    expected = torch.linalg.solve(before + 1e-3 * torch.eye(6, dtype=torch.float64), b)
+    torch.testing.assert_close(x, expected, rtol=1e-10, atol=1e-12)
+    bad = -1e9 * torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not positive definite"):
+        damped_cholesky_solve(bad, b[:3], 1e-3, caller="test")
+    assert torch.equal(bad, -1e9 * torch.eye(3, dtype=torch.float64))
