@@ -372,3 +372,21 @@ def test_expand_normalises_inputs_not_batch_first(case):
     loss_fn = nn.MSELoss()
     K = KFAC(model, loss_fn, data).to_dense()
     assert_layer_blocks(K, dense_ggn(model, loss_fn, data), model)
+
+
+def test_layers_called_with_keyword_inputs():
+    # The forward hooks must find the input among the keyword arguments too.
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.norm, self.b = nn.Linear(3, 4), nn.RMSNorm(4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(input=self.norm(x=self.a(input=x)))
+
+    torch.manual_seed(0)
+    model = Keywords()
+    data = regression_data((3,), (2,), sizes=(1,))
+    loss_fn = nn.MSELoss()
+    K = KFAC(model, loss_fn, data).to_dense()
+    assert_layer_blocks(K, dense_ggn(model, loss_fn, data), model)

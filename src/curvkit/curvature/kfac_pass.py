@@ -196,11 +196,13 @@ class FactorPass:
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, plan: LayerPlan):
-        def record(module, args, output):
+        def record(module, args, kwargs, output):
             if self._active:
                 edge = get_gradient_edge(output) if output.requires_grad else None
-                x = args[0].detach() if isinstance(args[0], Tensor) else args[0]
-                plan.calls.append((x, edge))
+                # The supported layers take one input, which may come by keyword
+                # (``lin(input=x)``, ``rms_norm(x=x)``).
+                x = args[0] if args else next(iter(kwargs.values()))
+                plan.calls.append((x.detach() if isinstance(x, Tensor) else x, edge))
         return record
 
     def forward(self, batch: Batch) -> Tensor:
@@ -214,7 +216,8 @@ class FactorPass:
                              f"with entries >= 0; batch {batch.index} has {got}.")
         for plan in self.layers:
             plan.calls = []
-        handles = [p.module.register_forward_hook(self._hook(p)) for p in self.layers]
+        handles = [p.module.register_forward_hook(self._hook(p), with_kwargs=True)
+                   for p in self.layers]
         self._active = True
         try:
             out = self.engine.forward(batch.X, self.params)
