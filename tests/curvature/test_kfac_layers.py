@@ -100,6 +100,25 @@ def test_embedding_expand_exact_for_per_token_outputs(padding_idx):
     assert_layer_blocks(K, dense_ggn(model, loss_fn, data), model)
 
 
+
+def test_embedding_int32_indices_sparse_gradients_and_scaled_gradients():
+    # nn.Embedding takes int32 indices and may return sparse weight gradients: same factors.
+    torch.manual_seed(0)
+    model = TokenRegression()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 6, (n, 5), generator=g), torch.randn(n, 5, 2, generator=g))
+            for n in (2, 3)]
+    loss_fn = nn.MSELoss()
+    ref = KFAC(model, loss_fn, data).to_dense()
+    as_int32 = [(t.int(), y) for t, y in data]
+    torch.testing.assert_close(KFAC(model, loss_fn, as_int32).to_dense(), ref)
+    model.embed.sparse = True
+    torch.testing.assert_close(KFAC(model, loss_fn, data).to_dense(), ref)
+    model.embed.scale_grad_by_freq = True  # the gradient depends on the batch's token counts
+    with pytest.raises(ValueError, match="scale_grad_by_freq"):
+        KFAC(model, loss_fn, data)
+
+
 NORMS = {
     "layernorm": lambda: nn.LayerNorm(4),
     "layernorm_nobias": lambda: nn.LayerNorm(4, bias=False),

@@ -240,8 +240,13 @@ class EmbeddingRule(KroneckerRule):
         if module.max_norm is not None:
             raise ValueError("KFAC: nn.Embedding with max_norm rewrites its weight during the "
                              "forward pass; its curvature is not defined. Use max_norm=None.")
+        if module.scale_grad_by_freq:
+            raise ValueError("KFAC: nn.Embedding with scale_grad_by_freq divides its gradient by "
+                             "the tokens' counts in the batch, so its curvature depends on the "
+                             "batching. Use scale_grad_by_freq=False.")
         N = _batch_first(x, module, "input")
-        onehot = F.one_hot(x.reshape(N, -1), module.num_embeddings).to(module.weight.dtype)
+        # nn.Embedding takes int32 indices too; one_hot only int64
+        onehot = F.one_hot(x.reshape(N, -1).long(), module.num_embeddings).to(module.weight.dtype)
         if module.padding_idx is not None:  # the padding row receives no gradient
             onehot[..., module.padding_idx] = 0
         return onehot.unsqueeze(2)

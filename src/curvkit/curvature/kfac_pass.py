@@ -348,7 +348,8 @@ class FactorPass:
                 for role, u in self.norm_grads(plan, g_calls).items():
                     rebuilt[getattr(plan, role)] = u.sum(0)
             for name, r in rebuilt.items():
-                t = true[name].reshape(-1)
+                t = true[name]
+                t = (t.to_dense() if t.is_sparse else t).reshape(-1)  # Embedding(sparse=True)
                 tol = 1e-6 * max(1.0, t.abs().max().item())
                 if not torch.allclose(r.reshape(-1), t, rtol=1e-4, atol=tol):
                     raise ValueError(
