@@ -76,6 +76,14 @@ def test_weighted_batches_equal_weighted_ggn():
         KFAC(model, loss_fn, [(base[0][0], base[0][1], -torch.ones(3))])
 
 
+@pytest.mark.parametrize("weight", [float("nan"), 0.0])
+def test_nan_or_all_zero_weights_raise(weight):
+    # NaN passed the w < 0 check, and Σ w = 0 made A = 0/0: NaN factors either way.
+    x, y = regression_data((4,), (2,), sizes=(3,))[0]
+    with pytest.raises(ValueError, match="finite" if weight != 0 else "sum to 0"):
+        KFAC(deep_linear(), nn.MSELoss(), [(x, y, torch.full((3,), weight))])
+
+
 def sequence_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))

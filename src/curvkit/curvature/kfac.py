@@ -285,6 +285,10 @@ class KFAC(LinearOperator):
         for plan, spec in zip(fp.layers, self.specs):
             if spec.kind == "kron":
                 A_sum, count, G = next(it), next(it), next(it)
+                if not count.item() > 0:  # A is a weighted mean over no weight: 0/0
+                    raise ValueError(f"KFAC: layer {spec.path!r} has no input of nonzero weight "
+                                     "in the data (the example weights sum to 0); its input "
+                                     "factor is undefined.")
                 A = A_sum.div_(count)  # A_sum is the pass's own tensor
                 if self.fisher == "forward_only":
                     d_out = self._d_out(plan.module, spec, A.shape[0])

@@ -209,11 +209,13 @@ class FactorPass:
         """Model output for ``batch`` with every planned module's calls recorded."""
         w = batch.weights
         if w is not None and (not isinstance(w, Tensor) or w.shape != (batch.batch_size,)
-                              or (w < 0).any()):
-            got = f"shape {tuple(w.shape)}, min {w.min().item():.3g}" if isinstance(w, Tensor) \
-                else type(w).__name__
+                              or not ((w >= 0) & w.isfinite()).all()):  # NaN fails w >= 0
+            got = type(w).__name__
+            if isinstance(w, Tensor):
+                got = f"shape {tuple(w.shape)}" + (f", min {w.min().item():.3g}, max "
+                                                   f"{w.max().item():.3g}" if w.numel() else "")
             raise ValueError(f"KFAC: batch weights must be a tensor of shape ({batch.batch_size},) "
-                             f"with entries >= 0; batch {batch.index} has {got}.")
+                             f"with finite entries >= 0; batch {batch.index} has {got}.")
         for plan in self.layers:
             plan.calls = []
         handles = [p.module.register_forward_hook(self._hook(p), with_kwargs=True)
