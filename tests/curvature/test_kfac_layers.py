@@ -409,3 +409,29 @@ def test_layers_called_with_keyword_inputs():
     loss_fn = nn.MSELoss()
     K = KFAC(model, loss_fn, data).to_dense()
     assert_layer_blocks(K, dense_ggn(model, loss_fn, data), model)
+
+
+class SharedInput(nn.Module):
+    """A Linear applied to a parameter vector: its input is the same for every example."""
+
+    def __init__(self):
+        super().__init__()
+        self.code = nn.Parameter(torch.randn(3))
+        self.gen, self.lin = nn.Linear(3, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x) * self.gen(self.code)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_input_shared_by_all_examples(approx):
+    # Autograd sums the shared layer's output gradient over the examples, so its factors would
+    # mix them: a clear error. With one example the unbatched call is that example's row.
+    torch.manual_seed(0)
+    model = SharedInput()
+    loss_fn = nn.MSELoss()
+    with pytest.raises(ValueError, match="module 'gen'"):
+        KFAC(model, loss_fn, regression_data((4,), (2,), sizes=(2,)), approx=approx)
+    one = regression_data((4,), (2,), sizes=(1,))
+    K = KFAC(model, loss_fn, one, approx=approx, other="dense").to_dense()
+    assert_layer_blocks(K, dense_ggn(model, loss_fn, one), model)

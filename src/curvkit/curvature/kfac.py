@@ -231,7 +231,7 @@ class KFAC(LinearOperator):
         if self.approx == "reduce":
             a = fp.layer_inputs(plan, ones=False).mean(dim=1, keepdim=True)
             A, side = gram_and_side(a, w, plan.joint)
-            rows = N
+            rows = a.shape[0]  # N where the layer is batch-first (checked below)
         else:
             A = side = None
             rows = 0
@@ -240,6 +240,14 @@ class KFAC(LinearOperator):
                 A = A_c if A is None else A.add_(A_c)
                 side = s_c if side is None else side.add_(s_c)
                 rows += R_c
+        # An input without the examples in it (a tensor shared by all of them) gets gradients
+        # summed over the examples: no Kronecker factor can be formed from those.
+        expected = "N" if self.approx == "reduce" else "a multiple of N"
+        if (rows != N) if self.approx == "reduce" else (N > 0 and rows % N != 0):
+            raise ValueError(
+                f"KFAC: module {plan.path!r} saw {rows} input rows in batch {batch.index}; "
+                f"expected {expected} = {N}, one set of rows per example (is its input shared "
+                "by all examples?). Exclude its parameters via params=.")
         # Normalise by the number of input rows summed, not N times the positions of one call:
         # a layer may see the batch elsewhere than in front ((S, N, D) in a sequence-first
         # model, (N·T, C, H, W) folded frames). Weights need batch-first inputs, so there the

@@ -118,11 +118,11 @@ class LinearRule(KroneckerRule):
     """``nn.Linear`` with any leading dimensions ``(N, *, d_in)``: ``S`` = product of the ``*``."""
 
     def inputs(self, module, x):
-        N = _batch_first(x, module, "input")
+        N = _batch_first(x, module, "input") if x.ndim > 1 else 1  # unbatched: one row
         return x.reshape(N, -1, 1, x.shape[-1])
 
     def grads(self, module, g):
-        return g.reshape(g.shape[0], -1, 1, g.shape[-1])
+        return g.reshape(g.shape[0] if g.ndim > 1 else 1, -1, 1, g.shape[-1])
 
 
 def _pad(x: Tensor, module: _ConvNd) -> Tensor:
