@@ -83,6 +83,26 @@ def test_layerwise_jacobian_matches_autograd(case, kind):
     torch.testing.assert_close(out, J_ref @ v_flat, rtol=1e-11, atol=1e-13)
     back = lin.T @ u[:, 0]
     torch.testing.assert_close(back, J_ref.T @ u[:, 0], rtol=1e-11, atol=1e-13)
+    # the same products from the cached layer blocks (the randomized solvers' path)
+    assert lin.cache_blocks()
+    for k in (None, 2, 40):
+        v = torch.randn(P, generator=g) if k is None else torch.randn(P, k, generator=g)
+        u = torch.randn(N, generator=g) if k is None else torch.randn(N, k, generator=g)
+        torch.testing.assert_close(lin @ v, J_ref @ v, rtol=1e-11, atol=1e-13)
+        torch.testing.assert_close(lin.T @ u, J_ref.T @ u, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(lin.to_dense(), J_ref, rtol=1e-11, atol=1e-13)
+
+
+def test_cache_blocks_respects_the_memory_budget(monkeypatch):
+    import curvkit.pinn.jacobian as jacobian
+
+    problem = poisson(2)
+    g = torch.Generator().manual_seed(1)
+    lin = linearize(mlp(2, (4,), generator=g), problem, problem.sample(6, 4, generator=g))
+    monkeypatch.setattr(jacobian, "_CACHE_BYTES", 8 * lin.shape[0] * lin.shape[1] - 1)
+    assert not lin.cache_blocks() and lin._blocks is None
+    monkeypatch.setattr(jacobian, "_CACHE_BYTES", 8 * lin.shape[0] * lin.shape[1])
+    assert lin.cache_blocks() and len(lin._blocks) == len(lin.layers)
 
 
 def test_residuals_and_loss_gradient_match_reference():

@@ -33,6 +33,8 @@ __all__ = ["ResidualJacobian", "DenseResidualJacobian", "linearize"]
 
 # Intermediate Gram blocks are computed in row chunks of at most this many entries (~256 MiB).
 _CHUNK_ENTRIES = 1 << 25
+# ``cache_blocks`` keeps the per-layer blocks only while the whole J fits in this many bytes.
+_CACHE_BYTES = 1 << 30
 
 
 class ResidualJacobian(LinearOperator):
@@ -57,8 +59,28 @@ class ResidualJacobian(LinearOperator):
             layers  # each: {"a": [per group], "g": [...], "bias": bool, "sizes": (out, in)}
         )
         self.group_sizes = [a.shape[0] for a in layers[0]["a"]]
+        self._blocks: list[Tensor] | None = None
 
     # ------------------------------------------------------------------ per-layer blocks
+    def cache_blocks(self) -> bool:
+        """Keep every layer's ``(N, P_l)`` block for repeated products with many columns.
+
+        Solvers that apply ``J`` and ``Jᵀ`` several times per step (the randomized kernel
+        solves) then build each block once instead of once per product. Skipped, returning
+        False, when the whole ``J`` would exceed ``_CACHE_BYTES`` (1 GiB).
+        """
+        if self._blocks is None:
+            itemsize = torch.empty((), dtype=self.dtype).element_size()
+            if math.prod(self.shape) * itemsize > _CACHE_BYTES:
+                return False
+            self._blocks = [self._layer_block(layer) for layer in self.layers]
+        return True
+
+    def _block(self, index: int) -> Tensor:
+        if self._blocks is not None:
+            return self._blocks[index]
+        return self._layer_block(self.layers[index])
+
     def _layer_block(self, layer: dict) -> Tensor:
         """That layer's ``(N, P_l)`` Jacobian block: ``[vec(Σ_c g_c a_cᵀ), g_0]`` per row."""
         rows = []
@@ -83,15 +105,14 @@ class ResidualJacobian(LinearOperator):
 
     def _matmat(self, X: Tensor) -> Tensor:  # (P, k) -> (N, k)
         result = X.new_zeros(self.shape[0], X.shape[1])
-        for layer, (W, b) in zip(self.layers, self._split(X)):
+        start = 0
+        for index, (layer, (W, b)) in enumerate(zip(self.layers, self._split(X))):
             C = max(a.shape[1] for a in layer["a"])
-            if X.shape[1] > C:  # many columns: one (N, P_l) block and a matmul is cheaper
-                Wb = (
-                    W.reshape(-1, X.shape[1])
-                    if b is None
-                    else torch.cat([W.reshape(-1, X.shape[1]), b])
-                )
-                result += self._layer_block(layer) @ Wb
+            P_l = W.shape[0] * W.shape[1] + (0 if b is None else b.shape[0])
+            start += P_l
+            # Many columns (or a cached block): one (N, P_l) block and a matmul is cheaper.
+            if self._blocks is not None or X.shape[1] > C:
+                result.addmm_(self._block(index), X[start - P_l : start])
                 continue
             parts = []
             for a, g in zip(layer["a"], layer["g"]):
@@ -106,10 +127,10 @@ class ResidualJacobian(LinearOperator):
 
     def _rmatmat(self, Y: Tensor) -> Tensor:  # (N, k) -> (P, k)
         blocks = []
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             C = max(a.shape[1] for a in layer["a"])
-            if Y.shape[1] > C:
-                blocks.append(self._layer_block(layer).T @ Y)
+            if self._blocks is not None or Y.shape[1] > C:
+                blocks.append(self._block(index).T @ Y)
                 continue
             W = 0
             b = 0
@@ -129,7 +150,7 @@ class ResidualJacobian(LinearOperator):
 
     def to_dense(self) -> Tensor:
         """The ``(N, P)`` Jacobian, built from the per-layer blocks."""
-        return torch.cat([self._layer_block(layer) for layer in self.layers], dim=1)
+        return torch.cat([self._block(i) for i in range(len(self.layers))], dim=1)
 
     # ------------------------------------------------------------------ kernel
     def kernel(self, *, method: str = "auto") -> Tensor:

@@ -144,6 +144,8 @@ def kernel_solve(
         raise ValueError(f"{caller}: solver {solver!r} needs rank in [1, N={N}]; got {rank}.")
     if damping <= 0:
         raise ValueError(f"{caller}: solver {solver!r} needs damping > 0; got {damping}.")
+    if kernel is None and hasattr(J, "cache_blocks"):
+        J.cache_blocks()  # K is applied a few times: build J's layer blocks once
     K_op = KernelOperator(J) if kernel is None else _DenseSymmetric(kernel)
     if solver == "nystrom_pcg":
         # A few iterations by design, not to convergence: the truncation is the method.
