@@ -11,6 +11,7 @@ from kfac_cases import (
 )
 from torch import nn
 
+from curvkit.curvature.ekfac import EKFAC
 from curvkit.curvature.kfac import KFAC
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -197,6 +198,20 @@ def test_other_parameters_are_exact_from_the_same_vectors(other):
         assert (K[mask & ~diag] == 0).all()
     with pytest.raises(ValueError, match="scale"):
         KFAC(model, loss_fn, data, other="error")
+
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_only_other_parameters_selected(cls):
+    # No hooked layer: the pass has no gradient edges to ask autograd for.
+    torch.manual_seed(0)
+    model = WithFreeParameters()
+    data = class_data((3,), 3, sizes=(3, 4))
+    loss_fn = nn.CrossEntropyLoss()
+    names = ["scale", "shift"]
+    K = cls(model, loss_fn, data, params=[model.scale, model.shift], other="dense").to_dense()
+    R = dense_ggn(model, loss_fn, data, names=names)
+    torch.testing.assert_close(K, R * torch.block_diag(torch.ones(4, 4), torch.ones(4, 4)))
 
 
 def test_multihead_attention_projection_falls_to_other():

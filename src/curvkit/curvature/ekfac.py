@@ -74,6 +74,8 @@ class EKFAC(KFAC):
     def _correct(self) -> None:
         """The correction pass: second moments of the rotated per-example gradients."""
         kron = [s for s in self.specs if s.kind == "kron"]
+        if not kron:  # only norm and other blocks: nothing to correct
+            return
         fp = self._make_pass(per_example=True)
         fp.check = False
         gen = self._generator()  # the same labels as the factor pass

@@ -298,6 +298,8 @@ class FactorPass:
     def backward(self, out: Tensor, v: Tensor, extra: list[Tensor] = (), *, retain: bool):
         """Gradients at every recorded call (grouped per layer) and at ``extra`` tensors."""
         edges = self.edges()
+        if not edges and not extra:  # only "other" parameters selected: nothing to ask autograd
+            return [], []
         grads = torch.autograd.grad(out, [*edges, *extra], grad_outputs=v, retain_graph=retain,
                                     allow_unused=True, materialize_grads=True)
         per_layer, i = [], 0
