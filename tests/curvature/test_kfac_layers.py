@@ -271,6 +271,21 @@ def test_functional_reuse_of_a_layer_weight_raises():
         KFAC(Reuse(), nn.MSELoss(), data)
 
 
+
+def test_layer_skipped_in_a_later_batch_raises():
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a(x) if x.shape[0] == 3 else self.b(x)
+
+    data = regression_data((3,), (2,), sizes=(3, 4))
+    with pytest.raises(ValueError, match=r"\['a'\] were called in the first batch but not in batch 1"):
+        KFAC(Branches(), nn.MSELoss(), data)
+
+
 def test_module_called_twice_counts_both_calls_as_positions():
     # The same Linear applied to two halves equals one weight-shared Linear over 2 positions.
     torch.manual_seed(0)

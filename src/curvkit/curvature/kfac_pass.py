@@ -230,6 +230,11 @@ class FactorPass:
         self.loss.check(out, batch.y)
         if self._first:
             self._finalise_plan(batch)
+        elif missing := [p.path for p in self.layers if not p.calls]:
+            raise ValueError(f"KFAC: modules {missing} were called in the first batch but not in "
+                             f"batch {batch.index} (data-dependent control flow); every layer "
+                             "with a Kronecker or norm block must run in every batch. Exclude "
+                             "their parameters via params=.")
         return out
 
     def _finalise_plan(self, batch: Batch) -> None:
