@@ -334,8 +334,9 @@ def test_mapping_inputs_match_tensor_inputs():
             super().__init__()
             self.body, self.scale = body, scale
 
-        def forward(self, X):
-            return self.body(torch.cat([X["a"], X["b"]], dim=1)) * self.scale
+        def forward(self, X):  # with entries that are not per example, as HF flags are
+            out = self.body(torch.cat([X["a"], X["b"]], dim=1)) * self.scale * X["gain"]
+            return out if X["plain"] else out.neg()
 
     class FromTensor(nn.Module):
         def __init__(self):
@@ -346,7 +347,8 @@ def test_mapping_inputs_match_tensor_inputs():
             return self.body(x) * self.scale
 
     data = class_data((5,), 3)
-    as_dict = [({"a": x[:, :3], "b": x[:, 3:]}, y) for x, y in data]
+    as_dict = [({"a": x[:, :3], "b": x[:, 3:], "gain": torch.tensor(1.0), "plain": True}, y)
+               for x, y in data]
     a = KFAC(FromDict(), nn.CrossEntropyLoss(), as_dict, other="dense").to_dense()
     b = KFAC(FromTensor(), nn.CrossEntropyLoss(), data, other="dense").to_dense()
     torch.testing.assert_close(a, b)

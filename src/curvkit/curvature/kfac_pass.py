@@ -322,16 +322,21 @@ class FactorPass:
         """
         base = {n: p.detach() for n, p in self.engine.params.items()}
         sub = {n: base[n] for n in self.others}
+        # Entries of a mapping input that are not batched (flags, numbers, 0-d tensors) go to
+        # every example unchanged.
+        N = batch.batch_size
+        x_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) and t.ndim and t.shape[0] == N
+                          else None, batch.X)
 
         def per_example(x, v):  # v: (K, *out_n)
             def f(p):
-                x1 = tree_map(lambda t: t.unsqueeze(0), x)
+                x1 = tree_map(lambda t, d: t if d is None else t.unsqueeze(0), x, x_dims)
                 return self.engine.forward(x1, {**base, **p}).squeeze(0)
 
             _, vjp_fn = vjp(f, sub)
             return vmap(vjp_fn)(v)[0]
 
-        U = vmap(per_example, in_dims=(0, 1))(batch.X, V)
+        U = vmap(per_example, in_dims=(x_dims, 1))(batch.X, V)
         return {n: u.reshape(u.shape[0], u.shape[1], -1) for n, u in U.items()}
 
     # ------------------------------------------------------------------ consistency check
