@@ -162,3 +162,53 @@ def test_weighted_cross_entropy_and_label_smoothing():
     with pytest.raises(ValueError, match="Monte-Carlo Fisher of a weighted"):
         FisherMC(model, loss_fn, data) @ v
     assert EmpiricalFisher(model, loss_fn, data).is_psd
+
+
+def test_batchnorm_without_running_statistics_raises_in_eval_mode():
+    """Without running statistics BatchNorm normalises by the batch even in eval mode."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False),
+                          nn.Linear(4, 3)).eval()
+    _, loss_fn, data = _setup()
+    with pytest.raises(ValueError, match="BatchNorm1d.*track_running_stats=False"):
+        GGN(model, loss_fn, data)
+    GGN(model, loss_fn, data, check_deterministic=False)  # accepted when asked for
+
+
+@pytest.mark.parametrize("where", ["inputs", "targets", "model outputs"])
+def test_non_finite_data_is_named(where):
+    model, _, data = _setup()
+    loss_fn = nn.MSELoss()
+    data = make_data(model, loss_fn, INPUT_SHAPES["mlp"], sizes=(3, 2))
+    X, y = data[1]
+    if where == "inputs":
+        X = X.clone()
+        X[0, 1] = float("nan")
+    elif where == "targets":
+        y = y.clone()
+        y[1, 0] = float("inf")
+    else:
+        with torch.no_grad():
+            model[-1].bias[0] = float("inf")
+    data[1] = (X, y)
+    first = 0 if where == "model outputs" else 1  # an infinite bias spoils every batch
+    with pytest.raises(ValueError, match=f"batch {first} has non-finite {where}"):
+        GGN(model, loss_fn, data)
+
+
+def test_empty_batches_are_skipped():
+    model, loss_fn, data = _setup()
+    X, y = data[0]
+    with_empty = [data[0], (X[:0], y[:0]), *data[1:]]
+    torch.testing.assert_close(GGN(model, loss_fn, with_empty).to_dense(),
+                               GGN(model, loss_fn, data).to_dense())
+    with pytest.raises(ValueError, match="no batches"):
+        GGN(model, loss_fn, [(X[:0], y[:0])], check_deterministic=False).to_dense()
+
+
+def test_inputs_of_another_dtype_than_the_model_are_named():
+    model, loss_fn, data = _setup()
+    other = torch.float32 if model[0].weight.dtype == torch.float64 else torch.float64
+    data = [(X.to(other), y) for X, y in data]
+    with pytest.raises(TypeError, match=f"parameters are {model[0].weight.dtype}.*inputs are "
+                                        f"{other}"):
+        GGN(model, loss_fn, data)

@@ -248,3 +248,12 @@ def test_invalid_options_raise():
     K = KFAC(model, nn.MSELoss(), data, compute=False)
     with pytest.raises(RuntimeError, match="compute"):
         K @ torch.zeros(K.shape[1])
+
+
+def test_non_finite_factors_raise_without_the_determinism_check():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    X, y = torch.randn(5, 4), torch.randn(5, 2)
+    X[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="factors of layer '0' are not finite"):
+        KFAC(model, nn.MSELoss(), [(X, y)], check_deterministic=False)

@@ -237,8 +237,21 @@ class DataEngine:
     # ------------------------------------------------------------------ model
     def forward(self, X, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """Model output at ``params`` (default: ``self.params``), other parameters fixed."""
-        return functional_call(self.model, (dict(self.params if params is None else params),
-                                            self._fixed), (X,))
+        try:
+            return functional_call(self.model, (dict(self.params if params is None else params),
+                                                self._fixed), (X,))
+        except RuntimeError as err:
+            # PyTorch's message ("mat1 and mat2 must have the same dtype") names neither the
+            # operator nor which side is off: say it when the inputs disagree with the parameters.
+            p = next(iter(self.params.values()))
+            got = {(t.dtype, t.device) for t in tree_leaves(X)
+                   if isinstance(t, Tensor) and t.is_floating_point()}
+            if got - {(p.dtype, p.device)}:
+                found = ", ".join(sorted(f"{d} on {v}" for d, v in got))
+                raise TypeError(f"{self.caller}: the model's parameters are {p.dtype} on "
+                                f"{p.device}, its floating-point inputs are {found}; convert the "
+                                "data or the model.") from err
+            raise
 
     @property
     def scale(self) -> float | None:
@@ -282,6 +295,8 @@ class DataEngine:
                 raise TypeError(f"{self.caller}: X must be a tensor or a mapping of tensors; batch "
                                 f"{i} has {type(X).__name__}.")
             n = self._batch_size(X, y)
+            if n == 0:  # an empty batch adds nothing to any sum (and would divide by zero)
+                continue
             count = 0.0 if self.loss is None else float(self.loss.count(y, n))
             yield Batch(X, y, w, n, count, i)
 
@@ -373,7 +388,7 @@ class DataEngine:
                     totals = [a + b for a, b in zip(totals, parts)]
                 count += batch.count
         if totals is None:
-            raise ValueError(f"{self.caller}: data yielded no batches.")
+            raise ValueError(f"{self.caller}: data yielded no batches (or only empty ones).")
         if distributed.is_distributed():
             count_t = torch.tensor([count], dtype=totals[0].dtype, device=totals[0].device)
             *totals, count_t = self.all_reduce([*totals, count_t])
@@ -411,11 +426,23 @@ class DataEngine:
                     "statistics at every pass; call model.eval() (or pass "
                     "check_deterministic=False)."
                 )
+            if isinstance(module, _BatchNorm) and module.running_mean is None:
+                raise ValueError(
+                    f"{self.caller}: module {name!r} ({type(module).__name__}) has "
+                    "track_running_stats=False, so even in eval mode it normalises with batch "
+                    "statistics: examples interact and the curvature depends on the batching "
+                    "(pass check_deterministic=False to accept that)."
+                )
         first, second = self._fingerprints(), self._fingerprints()
         if len(first) != len(second):
             raise ValueError(f"{self.caller}: the data gave {len(first)} batches, then "
                              f"{len(second)}; the data must be the same at every pass.")
         for i, (a, b) in enumerate(zip(first, second)):
+            # NaN never equals itself: name non-finite data before comparing the passes.
+            for k, what in ((0, "inputs"), (1, "targets"), (2, "model outputs")):
+                if not a[k].isfinite():
+                    raise ValueError(f"{self.caller}: batch {i} has non-finite {what} "
+                                     f"(their sum is {a[k].item()}).")
             if not torch.allclose(a[:2], b[:2], rtol=1e-10, atol=0.0):
                 raise ValueError(f"{self.caller}: batch {i} differs between two passes over the "
                                  "data (a shuffling DataLoader or random augmentation?); use a "

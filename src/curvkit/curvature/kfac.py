@@ -298,6 +298,11 @@ class KFAC(LinearOperator):
                                      "in the data (the example weights sum to 0); its input "
                                      "factor is undefined.")
                 A = A_sum.div_(count)  # A_sum is the pass's own tensor
+                # One sum per factor (a NaN or inf anywhere makes it non-finite) instead of an
+                # elementwise test of every entry.
+                if not (A.sum() + G.sum()).isfinite():
+                    raise ValueError(f"KFAC: the factors of layer {spec.path!r} are not finite; "
+                                     "the data, the model's outputs or the loss hold NaN or inf.")
                 if self.fisher == "forward_only":
                     d_out = self._d_out(plan.module, spec, A.shape[0])
                     G = torch.eye(d_out, dtype=A.dtype, device=A.device).expand(
