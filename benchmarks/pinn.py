@@ -61,7 +61,18 @@ OPTIONS = {
     "spring": {"damping": 1e-10, "momentum": 0.1},
     "hessian_free": {"damping": 1e-8, "max_iter": 350},
     "adam": {"lr": 1e-3},
+    # ENGD-Woodbury with the spec's GPU-efficient Nyström solve (sketch of 400 points)
+    "engd_woodbury_nystrom": {"damping": 1e-6, "solver": "nystrom", "rank": 400},
 }
+METHOD = {"engd_woodbury_nystrom": "engd_woodbury"}  # variants -> the method train() runs
+
+
+def _options(method: str, num_points: int) -> dict:
+    """The method's options, its sketch no larger than the batch (``--quick`` sizes)."""
+    options = dict(OPTIONS[method])
+    if "rank" in options:
+        options["rank"] = min(options["rank"], num_points)
+    return options
 BASELINE = "engd"
 SPEEDUP_TARGET = 20.0  # ENGD-W and SPRING vs ENGD, 5-d
 SPRING_TARGET = (1e-4, 900.0)  # (L2 error, seconds), 5-d
@@ -91,9 +102,9 @@ def _run(problem, method, args, budget, n_in, n_bd, seed) -> History:
     t0 = time.perf_counter()
     h = train(
         problem,
-        method=method,
+        method=METHOD.get(method, method),
         time_budget=budget,
-        options=OPTIONS[method],
+        options=_options(method, n_in + n_bd),
         num_interior=n_in,
         num_boundary=n_bd,
         num_eval=args.num_eval,
@@ -254,6 +265,29 @@ def _merge(paths: list[Path], stem: Path) -> None:
     _report(groups, stem, int(shared["dim"]), record)
 
 
+def _per_step(problem, args, stem: Path) -> None:
+    """Seconds per step of each method (steps 2..K: the first one warms up)."""
+    if args.per_step < 2:
+        raise SystemExit("--per-step needs K >= 2 (the first step is not timed)")
+    rows = {}
+    for m in args.methods:
+        h = train(problem, method=METHOD.get(m, m), steps=args.per_step,
+                  options=_options(m, args.num_interior + args.num_boundary),
+                  num_interior=args.num_interior, num_boundary=args.num_boundary,
+                  num_eval=args.num_eval, seed=args.seed)
+        rows[m] = (h.time[-1] - h.time[1]) / (args.per_step - 1)
+        print(f"  {m:22s} {rows[m]:7.2f} s/step", flush=True)
+    record = {
+        "benchmark": "pinn_per_step", "git_commit": _git_commit(), "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "threads": args.threads, "steps": args.per_step, "seconds_per_step": rows,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    path = stem.with_name(stem.name + "_per_step.json")
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -278,6 +312,14 @@ def main() -> None:
         help="torch threads (1 is fastest on the shared, oversubscribed 2-core box)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--per-step",
+        type=int,
+        default=0,
+        metavar="K",
+        help="only time K steps of each of --methods (5-d) and report seconds per step, the "
+        "first step excluded; writes STEM_per_step.json",
+    )
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny smoke test")
     parser.add_argument(
@@ -311,6 +353,9 @@ def main() -> None:
 
     groups: dict[str, dict[str, History]] = {}
     problem = poisson(args.dim, hidden=args.hidden)
+    if args.per_step:
+        _per_step(problem, args, stem)
+        return
     if args.methods:
         print(
             f"{problem.name}: hidden={args.hidden}, N={args.num_interior}+{args.num_boundary}, "
