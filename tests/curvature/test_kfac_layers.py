@@ -457,14 +457,47 @@ class SharedInput(nn.Module):
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_input_shared_by_all_examples(approx):
-    # Autograd sums the shared layer's output gradient over the examples, so its factors would
-    # mix them: a clear error.
+    # Autograd hands back the shared layer's output gradient summed over the examples, so it
+    # has no Kronecker factor: its parameters get the exact per-example "other" treatment.
     torch.manual_seed(0)
     model = SharedInput()
     loss_fn = nn.MSELoss()
-    with pytest.raises(ValueError, match="module 'gen'"):
-        KFAC(model, loss_fn, regression_data((4,), (2,), sizes=(2,)), approx=approx)
+    data = regression_data((4,), (2,), sizes=(2,))
+    for name in ("gen.weight", "gen.bias"):
+        p = dict(model.named_parameters())[name]
+        K = KFAC(model, loss_fn, data, params=[p], approx=approx, other="dense")
+        assert K.others == [name]
+        torch.testing.assert_close(K.to_dense(), dense_ggn(model, loss_fn, data, [name]))
+    with pytest.raises(ValueError, match=r"\['gen'\] are called on a tensor shared"):
+        KFAC(model, loss_fn, data, approx=approx, other="error")
     if approx == "expand":  # with one example the unbatched call is that example's row
         one = regression_data((4,), (2,), sizes=(1,))
         K = KFAC(model, loss_fn, one, other="dense").to_dense()
         assert_layer_blocks(K, dense_ggn(model, loss_fn, one), model)
+
+
+class _PositionalLM(nn.Module):
+    """Token + positional embeddings (of torch.arange, shared by all examples), mean-pooled."""
+
+    def __init__(self, vocab=5, context=4, width=3):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, width), nn.Embedding(context, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, t):
+        h = torch.tanh(self.tok(t) + self.pos(torch.arange(t.shape[1])))
+        return self.head(h.mean(dim=1))  # one output per example: type-2 is the exact GGN
+
+
+def test_positional_embedding_shared_by_all_examples_is_exact_as_other():
+    """With S a multiple of N the shapes look batched; the one-example pass still finds it."""
+    torch.manual_seed(0)
+    model = _PositionalLM().double()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 5, (2, 4), generator=g), torch.randint(0, 5, (2,), generator=g))]
+    loss_fn = nn.CrossEntropyLoss()
+    K = KFAC(model, loss_fn, data, params=[model.pos.weight], other="dense")
+    assert K.others == ["pos.weight"]
+    torch.testing.assert_close(K.to_dense(), dense_ggn(model, loss_fn, data, ["pos.weight"]))
+    with pytest.raises(ValueError, match=r"\['pos'\] are called on a tensor shared by all"):
+        KFAC(model, loss_fn, data, other="error")

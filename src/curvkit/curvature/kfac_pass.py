@@ -216,17 +216,7 @@ class FactorPass:
                                                    f"{w.max().item():.3g}" if w.numel() else "")
             raise ValueError(f"KFAC: batch weights must be a tensor of shape ({batch.batch_size},) "
                              f"with finite entries >= 0; batch {batch.index} has {got}.")
-        for plan in self.layers:
-            plan.calls = []
-        handles = [p.module.register_forward_hook(self._hook(p), with_kwargs=True)
-                   for p in self.layers]
-        self._active = True
-        try:
-            out = self.engine.forward(batch.X, self.params)
-        finally:
-            self._active = False
-            for h in handles:
-                h.remove()
+        out = self._record(batch.X)
         self.loss.check(out, batch.y)
         if self._first:
             self._finalise_plan(batch)
@@ -237,7 +227,67 @@ class FactorPass:
                              "their parameters via params=.")
         return out
 
+    def _record(self, X) -> Tensor:
+        """The model output for ``X`` with every planned module's calls in ``plan.calls``."""
+        for plan in self.layers:
+            plan.calls = []
+        handles = [p.module.register_forward_hook(self._hook(p), with_kwargs=True)
+                   for p in self.layers]
+        self._active = True
+        try:
+            return self.engine.forward(X, self.params)
+        finally:
+            self._active = False
+            for h in handles:
+                h.remove()
+
+    def _shared_input_layers(self, batch: Batch) -> list[LayerPlan]:
+        """Planned modules called on a tensor that holds no example dimension.
+
+        A positional embedding of ``torch.arange(S)`` is the common case: its output is
+        broadcast over the examples, so autograd hands back its output gradient already summed
+        over them and no Kronecker factor of per-example quantities can be formed — whatever
+        the shapes say (``S`` may well be a multiple of ``N``). Found by one forward pass of the
+        first example alone: such a call's input is as large as with the whole batch. Skipped
+        with one example (then every factor is exact) and while a BatchNorm is in training
+        mode (the extra pass would update its running statistics).
+        """
+        N = batch.batch_size
+        if N < 2 or any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                        for m in self.engine.model.modules()):
+            return []
+        full = {id(p): p.calls for p in self.layers}
+        one = tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.ndim and t.shape[0] == N
+                       else t, batch.X)
+        try:
+            with torch.no_grad():
+                self._record(one)
+            single = {id(p): p.calls for p in self.layers}
+        except Exception:  # noqa: BLE001  (a model that cannot run one example: cannot tell)
+            single = {}
+        finally:
+            for p in self.layers:
+                p.calls = full[id(p)]
+        shared = []
+        for plan in self.layers:
+            calls = single.get(id(plan), [])
+            if len(calls) == len(plan.calls) and any(
+                    isinstance(x, Tensor) and x.numel() == y.numel()
+                    for (x, _), (y, _) in zip(plan.calls, calls)):
+                shared.append(plan)
+        return shared
+
     def _finalise_plan(self, batch: Batch) -> None:
+        shared = self._shared_input_layers(batch)
+        if shared and self.other == "error":
+            raise ValueError(f"KFAC: modules {[p.path for p in shared]} are called on a tensor "
+                             "shared by all examples (e.g. positional embeddings of "
+                             "torch.arange), which has no Kronecker factor; pass "
+                             "other='diagonal' or 'dense' for their parameters, or exclude them.")
+        for plan in shared:  # exact per-example treatment as an "other" parameter instead
+            self.others.extend(getattr(plan, r) for r in plan.roles)
+        shared_ids = {id(p) for p in shared}
+        self.layers = [p for p in self.layers if id(p) not in shared_ids]
         unused = [p for p in self.layers if not p.calls]
         for plan in unused:  # parameters used outside the module's own forward
             self.others.extend(getattr(plan, r) for r in plan.roles)
