@@ -96,8 +96,10 @@ class KFAC(LinearOperator):
         approx: ``"expand"`` or ``"reduce"`` for weight-shared layers (sequences, convolutions).
         separate_bias: Give biases their own block ``G`` instead of joining them to the weight
             as an input column of ones.
-        other: Block for parameters of unsupported layers: ``"diagonal"``, ``"dense"`` (exact
-            per parameter, from per-example gradients of the same vectors) or ``"error"``.
+        other: Block for parameters of unsupported layers, and of supported layers called on
+            a tensor shared by all examples (positional embeddings of ``torch.arange``, found
+            by a forward pass of the first example): ``"diagonal"``, ``"dense"`` (exact per
+            parameter, from per-example gradients of the same vectors) or ``"error"``.
         seed: Seed of the label sampling (``fisher="mc"``), re-used at every ``compute()``.
         progress: Progress bar over batches.
         check_deterministic: Refuse random layers and shuffling data, and verify on the first
