@@ -161,3 +161,22 @@ def test_bad_batch_raises():
         linearize(model, problem, Batch(torch.rand(4, 3), torch.rand(4, 2)))
     with pytest.raises(ValueError, match="kernel: method must be"):
         linearize(model, problem, problem.sample(3, 2)).kernel(method="svd")
+
+
+def test_sequential_reusing_a_linear_layer_raises_clearly():
+    # The same Linear registered twice ties its parameters: the fast path's per-layer indices
+    # ran past model.parameters() (IndexError) and curvkit.taylor's capture turned the tied
+    # parameters into plain tensors. Both paths now refuse such a model up front.
+    problem = poisson(2)
+    g = torch.Generator().manual_seed(6)
+    shared = mlp(4, (), out_dim=4, generator=g)[0]
+    model = nn.Sequential(mlp(2, (), out_dim=4, generator=g)[0], nn.Tanh(), shared, nn.Tanh(),
+                          shared, nn.Tanh(), mlp(4, (), generator=g)[0])
+    batch = problem.sample(6, 4, generator=g)
+    for dense in (False, True):
+        with pytest.raises(ValueError, match=r"linearize: .*'4.weight' is also registered as "
+                                             r"'2.weight'"):
+            linearize(model, problem, batch, dense=dense)
+    with pytest.raises(ValueError, match="derivatives: .*registered as"):
+        loss(model, problem, batch)
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())

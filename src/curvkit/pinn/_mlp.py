@@ -84,17 +84,21 @@ def mlp_structure(model: nn.Module) -> MLPStructure | None:
 
     Supported: an ``nn.Sequential`` of ``nn.Linear``, ``nn.Tanh``, ``nn.Sigmoid``, ``Sin`` and
     ``nn.Identity`` (skipped) whose first layer is a ``Linear`` and whose last ``Linear`` has one
-    output, with every parameter trainable.
+    output, with every parameter trainable and no ``Linear`` used twice.
     """
     if not isinstance(model, nn.Sequential) or len(model) == 0:
         return None
     ops: list[tuple[str, object]] = []
     shapes: list[tuple[int, int, bool]] = []
     index = 0
+    seen: set[int] = set()
     for layer in model:
         if isinstance(layer, nn.Linear):
-            if not all(p.requires_grad for p in layer.parameters()):
+            # A reused Linear shares parameters, which model.parameters() lists only once: the
+            # per-occurrence indices below would be wrong (the general path handles sharing).
+            if id(layer) in seen or not all(p.requires_grad for p in layer.parameters()):
                 return None
+            seen.add(id(layer))
             has_bias = layer.bias is not None
             ops.append(("linear", (index, index + 1 if has_bias else None)))
             shapes.append((layer.out_features, layer.in_features, has_bias))

@@ -27,7 +27,13 @@ from curvkit.linalg import LinearOperator
 from curvkit.linalg.gram import gram
 from curvkit.pinn._mlp import forward_laplacian, mlp_structure
 from curvkit.pinn.problems import Batch, Derivatives, Problem
-from curvkit.pinn.residuals import _check_batch, _check_dims, _evaluate, _operator
+from curvkit.pinn.residuals import (
+    _check_batch,
+    _check_dims,
+    _check_untied,
+    _evaluate,
+    _operator,
+)
 
 __all__ = ["ResidualJacobian", "DenseResidualJacobian", "linearize"]
 
@@ -314,6 +320,7 @@ def linearize(
         ValueError: If the batch does not match the problem.
     """
     _check_batch(problem, batch, "linearize")
+    _check_untied(model, "linearize")
     params = [p for p in model.parameters() if p.requires_grad]
     shapes = [p.shape for p in params]
     structure = None if dense else mlp_structure(model)

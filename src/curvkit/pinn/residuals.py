@@ -59,6 +59,25 @@ def _check_dims(
     return dims
 
 
+def _check_untied(f: object, caller: str) -> None:
+    """Refuse modules that register one parameter under two names (e.g. a reused layer).
+
+    Neither path supports them: the layer-wise Jacobian gives every layer its own columns, and
+    ``curvkit.taylor``'s capture (``functional_call`` on the tied names) leaves the tied
+    parameters behind as plain tensors, silently breaking the model.
+    """
+    if not isinstance(f, nn.Module):
+        return
+    first: dict[int, str] = {}
+    for name, p in f.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), name) != name:
+            raise ValueError(
+                f"{caller}: the model registers one parameter under several names ({name!r} is "
+                f"also registered as {first[id(p)]!r}, e.g. a layer reused in a Sequential); "
+                "this is not supported: call the layer twice from a custom forward instead."
+            )
+
+
 def _operator(f: nn.Module | Callable[[Tensor], Tensor], X: Tensor,
               dims: tuple[int, ...] | None, caller: str) -> DifferentialOperator:
     """Value, gradient and the Laplacian over ``dims`` as one ``curvkit.taylor`` operator."""
@@ -111,6 +130,7 @@ def taylor_derivatives(
         got = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
         raise ValueError(f"{caller}: X must have shape (N, D); got {got}.")
     dims = _check_dims(laplacian_dims, X.shape[1], caller)
+    _check_untied(f, caller)
     if params is not None and not isinstance(f, nn.Module):
         raise TypeError(f"{caller}: params need an nn.Module f; got {type(f).__name__}.")
     op = _operator(f, X, dims, caller)
@@ -181,6 +201,7 @@ def derivatives(
         got = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
         raise ValueError(f"derivatives: X must have shape (N, D); got {got}.")
     dims = _check_dims(laplacian_dims, X.shape[1], "derivatives")
+    _check_untied(f, "derivatives")
     structure = mlp_structure(f) if isinstance(f, nn.Module) else None
     if structure is not None:
         return mlp_derivatives(structure, list(f.parameters()), X, dims)
@@ -265,6 +286,7 @@ def residual_function(
         ValueError: If the batch does not match the problem's dimension.
     """
     _check_batch(problem, batch, caller)
+    _check_untied(model, caller)
     X_in, X_bd = batch
     op = _operator(model, X_in, _check_dims(problem.laplacian_dims, problem.dim, caller), caller)
 
