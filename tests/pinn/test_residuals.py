@@ -218,3 +218,29 @@ def test_woodbury_step_on_general_path_equals_reference_step():
     assert loss_value == pytest.approx(0.5 * float(r.square().sum()), rel=1e-12)
     after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     assert (after - expected).norm() <= 1e-9 * (expected - before).norm()
+
+
+def test_points_that_do_not_fit_the_model_raise_clearly():
+    problem = poisson(2)
+    g = torch.Generator().manual_seed(2)
+    model = mlp(2, (4,), generator=g)
+    batch = problem.sample(5, 3, generator=g)
+    bad = batch.interior.clone()
+    bad[1, 0] = float("nan")
+    # NaN points used to surface as a Cholesky failure ("not positive definite") in the step
+    with pytest.raises(ValueError, match=r"linearize: interior points must be finite; got 1 "):
+        linearize(model, problem, (bad, batch.boundary))
+    with pytest.raises(ValueError, match=r"residuals: boundary points must be finite"):
+        loss(model, problem, (batch.interior, batch.boundary.clamp_min(float("inf"))))
+    # a float32 model on float64 points (or integer points) used to fail inside a matmul
+    with pytest.raises(ValueError, match=r"linearize: interior points have dtype torch.float64 "
+                                         r"but the model's parameters torch.float32"):
+        linearize(mlp(2, (4,), dtype=torch.float32), problem, batch)
+    with pytest.raises(ValueError, match=r"residuals: interior points have dtype torch.int64"):
+        loss(model, problem, (batch.interior.long(), batch.boundary))
+    with pytest.raises(ValueError, match=r"derivatives: X has dtype torch.float32 but the model"):
+        derivatives(model, batch.interior.float())
+    # an MLP built for another dimension than the problem's
+    with pytest.raises(ValueError, match=r"linearize: the model's first Linear takes 3 inputs "
+                                         r"but the points have 2 coordinates"):
+        linearize(mlp(3, (4,)), problem, batch)

@@ -319,7 +319,7 @@ def linearize(
     Raises:
         ValueError: If the batch does not match the problem.
     """
-    _check_batch(problem, batch, "linearize")
+    _check_batch(problem, batch, "linearize", model)
     _check_untied(model, "linearize")
     params = [p for p in model.parameters() if p.requires_grad]
     shapes = [p.shape for p in params]

@@ -202,6 +202,7 @@ def derivatives(
         raise ValueError(f"derivatives: X must have shape (N, D); got {got}.")
     dims = _check_dims(laplacian_dims, X.shape[1], "derivatives")
     _check_untied(f, "derivatives")
+    _check_fits(f, X, "X has", "derivatives")
     structure = mlp_structure(f) if isinstance(f, nn.Module) else None
     if structure is not None:
         return mlp_derivatives(structure, list(f.parameters()), X, dims)
@@ -209,7 +210,27 @@ def derivatives(
 
 
 # --------------------------------------------------------------------------- residuals
-def _check_batch(problem: Problem, batch: Batch, caller: str) -> None:
+def _check_fits(model: object, X: Tensor, what: str, caller: str) -> None:
+    """Points ``X`` a module can take: its parameters' dtype and device, its input width."""
+    if not isinstance(model, nn.Module):
+        return
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if p is not None and (X.dtype != p.dtype or X.device != p.device):
+        raise ValueError(
+            f"{caller}: {what} dtype {X.dtype} but the model's parameters {p.dtype} (devices "
+            f"{X.device}, {p.device}); sample the points in the model's dtype "
+            "(problem.sample(..., dtype=...)) or convert the model."
+        )
+    if isinstance(model, nn.Sequential):
+        first = next((m for m in model if type(m) is not nn.Identity), None)
+        if isinstance(first, nn.Linear) and first.in_features != X.shape[1]:
+            raise ValueError(
+                f"{caller}: the model's first Linear takes {first.in_features} inputs but the "
+                f"points have {X.shape[1]} coordinates."
+            )
+
+
+def _check_batch(problem: Problem, batch: Batch, caller: str, model: object = None) -> None:
     for name, X in zip(("interior", "boundary"), batch):
         if not isinstance(X, Tensor) or X.ndim != 2 or X.shape[1] != problem.dim or X.shape[0] < 1:
             got = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
@@ -217,6 +238,13 @@ def _check_batch(problem: Problem, batch: Batch, caller: str) -> None:
                 f"{caller}: {name} points must have shape (N, {problem.dim}) with N >= 1; "
                 f"got {got}."
             )
+        # Non-finite points would otherwise surface as a failed Cholesky or a NaN loss.
+        bad = int((~torch.isfinite(X)).sum())
+        if bad:
+            raise ValueError(
+                f"{caller}: {name} points must be finite; got {bad} non-finite coordinate(s)."
+            )
+        _check_fits(model, X, f"{name} points have", caller)
 
 
 def _stack(problem: Problem, batch: Batch, d: Derivatives, u_boundary: Tensor) -> Tensor:
@@ -242,7 +270,7 @@ def residuals(model: nn.Module, problem: Problem, batch: Batch) -> Tensor:
     Raises:
         ValueError: If the batch does not match the problem's dimension.
     """
-    _check_batch(problem, batch, "residuals")
+    _check_batch(problem, batch, "residuals", model)
     d = derivatives(model, batch.interior, laplacian_dims=problem.laplacian_dims)
     return _stack(problem, batch, d, model(batch.boundary))
 
@@ -285,7 +313,7 @@ def residual_function(
     Raises:
         ValueError: If the batch does not match the problem's dimension.
     """
-    _check_batch(problem, batch, caller)
+    _check_batch(problem, batch, caller, model)
     _check_untied(model, caller)
     X_in, X_bd = batch
     op = _operator(model, X_in, _check_dims(problem.laplacian_dims, problem.dim, caller), caller)
