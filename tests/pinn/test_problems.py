@@ -147,3 +147,39 @@ def test_mlp_generator_is_reproducible():
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
     assert (a[0].weight.abs() <= 1 / math.sqrt(3)).all()
+
+
+def test_user_problem_outputs_of_the_wrong_shape_raise():
+    from curvkit.pinn.jacobian import linearize
+    from curvkit.pinn.residuals import loss
+
+    u = lambda X: X[:, 0] * X[:, 1]  # noqa: E731
+    zero = lambda X: torch.zeros(X.shape[0], dtype=X.dtype)  # noqa: E731
+    model = mlp(2, (3,), generator=torch.Generator().manual_seed(0))
+    # A solution of shape (N, 1) broadcast against the (N,) prediction into an (N, N) matrix:
+    # the L2 error was silently wrong.
+    column = linear_pde(lambda X: u(X)[:, None], dim=2, source=zero, name="col")
+    X = column.sample_interior(6, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"col: the solution must return shape \(6,\) .*; got \(6, 1\)"):
+        column.l2_error(model, X)
+    with pytest.raises(ValueError, match=r"col: the solution must return shape \(3,\)"):
+        loss(model, column, column.sample(4, 3))
+    flat = linear_pde(u, dim=2, source=lambda X: zero(X)[:, None], name="src")
+    for call in (loss, linearize):
+        with pytest.raises(ValueError, match=r"src: the interior residual must return shape "
+                                             r"\(4,\) .*; got \(4, 4\)"):
+            call(model, flat, flat.sample(4, 3))
+
+
+def test_problem_fields_are_validated():
+    import dataclasses
+
+    u = lambda X: X[:, 0]  # noqa: E731
+    # Duplicates used to count a coordinate once in the Jacobian's forward Laplacian but twice
+    # in the line search's.
+    with pytest.raises(ValueError, match=r"laplacian_dims must be distinct integers in \[0, 3\)"):
+        linear_pde(u, dim=3, source=u, laplacian_dims=[0, 0])
+    with pytest.raises(ValueError, match=r"laplacian_dims must be distinct integers in \[0, 2\)"):
+        dataclasses.replace(heat(1), laplacian_dims=(1, 1))
+    with pytest.raises(ValueError, match="dim must be an int >= 1; got 0"):
+        linear_pde(u, dim=0, source=u)

@@ -49,7 +49,7 @@ def _loss_fn(model: nn.Module, problem: Problem, batch: Batch) -> Callable[[list
         def loss(params: list[Tensor]) -> float:
             with torch.no_grad():
                 d = mlp_derivatives(structure, params, X_in, problem.laplacian_dims)
-                r_in = problem.residual(X_in, d)
+                r_in = problem.interior_residual(X_in, d)
                 u_bd = mlp_derivatives(structure, params, X_bd, None, order=0).value
                 r_bd = u_bd - problem.boundary_target(X_bd)
                 return 0.5 * float(r_in.square().mean() + r_bd.square().mean())

@@ -290,7 +290,7 @@ def _dense_linearize(model: nn.Module, problem: Problem, batch: Batch,
             Xb = X[start : start + _POINTS_PER_BLOCK]
             with torch.enable_grad():
                 if interior:
-                    r = problem.residual(Xb, _evaluate(op, Xb, "linearize")) / scale
+                    r = problem.interior_residual(Xb, _evaluate(op, Xb, "linearize")) / scale
                 else:
                     r = (model(Xb).reshape(-1) - problem.boundary_target(Xb)) / scale
                 seeds = torch.eye(r.shape[0], dtype=r.dtype, device=r.device)
@@ -335,7 +335,7 @@ def linearize(
         )
         Y_bd, cap_bd = forward_laplacian(structure, detached, X_bd, order=0, capture=True)
         d = Derivatives(Y_in[:, 0, 0], Y_in[:, 1:-1, 0], Y_in[:, -1, 0])
-        r_in = problem.residual(X_in, d) / math.sqrt(X_in.shape[0])
+        r_in = problem.interior_residual(X_in, d) / math.sqrt(X_in.shape[0])
         r_bd = (Y_bd[:, 0, 0] - problem.boundary_target(X_bd)) / math.sqrt(X_bd.shape[0])
         # Residuals of different points do not interact, so the gradient of the sum w.r.t. each
         # layer output holds every point's own backpropagated vector g_{n,c}.

@@ -92,6 +92,39 @@ class Problem:
     num_boundary: int = 500
     metadata: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
+            raise ValueError(f"{self.name}: dim must be an int >= 1; got {self.dim!r}.")
+        if self.lower.shape != (self.dim,) or self.upper.shape != (self.dim,):
+            raise ValueError(
+                f"{self.name}: lower and upper must have shape ({self.dim},); got "
+                f"{tuple(self.lower.shape)} and {tuple(self.upper.shape)}."
+            )
+        dims = self.laplacian_dims
+        if dims is not None and (
+            not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.dim
+                    for i in dims)
+            or len(set(dims)) != len(dims)
+        ):
+            raise ValueError(
+                f"{self.name}: laplacian_dims must be distinct integers in [0, {self.dim}); "
+                f"got {dims!r}."
+            )
+
+    def interior_residual(self, X: Tensor, d: Derivatives) -> Tensor:
+        """``residual(X, d)``, checked to hold one value per point, shape ``(N,)``."""
+        return self._checked(self.residual(X, d), X, "interior residual")
+
+    def _checked(self, values: Tensor, X: Tensor, what: str) -> Tensor:
+        # An (N, 1) output would broadcast against the (N,) network values into (N, N).
+        if not isinstance(values, Tensor) or values.shape != (X.shape[0],):
+            got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+            raise ValueError(
+                f"{self.name}: the {what} must return shape ({X.shape[0]},) (one value per "
+                f"point); got {got}."
+            )
+        return values
+
     @property
     def laplacian_index(self) -> tuple[int, ...]:
         """The Laplacian's coordinates as a tuple (all ``D`` when ``laplacian_dims`` is None)."""
@@ -138,7 +171,7 @@ class Problem:
 
     def boundary_target(self, X: Tensor) -> Tensor:
         """Dirichlet / initial data on boundary points ``(N, D)``: the exact solution, ``(N,)``."""
-        return self.solution(X)
+        return self._checked(self.solution(X), X, "solution")
 
     def default_model(
         self, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64
@@ -153,7 +186,8 @@ class Problem:
         """
         with torch.no_grad():
             u = model(X).reshape(-1)
-            return float((u - self.solution(X)).square().mean().sqrt())
+            exact = self._checked(self.solution(X), X, "solution")
+            return float((u - exact).square().mean().sqrt())
 
 
 def mlp(

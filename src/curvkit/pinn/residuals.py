@@ -249,7 +249,7 @@ def _check_batch(problem: Problem, batch: Batch, caller: str, model: object = No
 
 def _stack(problem: Problem, batch: Batch, d: Derivatives, u_boundary: Tensor) -> Tensor:
     X_in, X_bd = batch
-    r_in = problem.residual(X_in, d)
+    r_in = problem.interior_residual(X_in, d)
     r_bd = u_boundary.reshape(-1) - problem.boundary_target(X_bd)
     return torch.cat([r_in / math.sqrt(X_in.shape[0]), r_bd / math.sqrt(X_bd.shape[0])])
 
