@@ -196,3 +196,22 @@ def test_bad_options_raise():
         ENGDWoodbury(model, problem, damping=-1.0)
     with pytest.raises(TypeError, match="ENGD: model must be an nn.Module"):
         ENGD(lambda x: x, problem)
+
+
+def test_bad_options_raise_at_construction():
+    # Each of these used to be accepted and fail later (or never) with an unrelated message.
+    problem, model, _ = _setup(5, 5)
+    with pytest.raises(TypeError, match="ENGD: problem must be a curvkit.pinn Problem; got str"):
+        ENGD(model, "poisson")
+    with pytest.raises(ValueError, match="SPRING: lr must be 'line_search' or a positive float"):
+        SPRING(model, problem, lr=True)
+    with pytest.raises(ValueError, match="SPRING: norm_constraint must be > 0 or None; got 'a'"):
+        SPRING(model, problem, norm_constraint="a")
+    with pytest.raises(ValueError, match="HessianFree: rtol must be a finite number >= 0"):
+        HessianFree(model, problem, rtol=-1.0)
+    with pytest.raises(ValueError, match="ENGDWoodbury: pcg_iterations must be an int >= 1"):
+        ENGDWoodbury(model, problem, solver="nystrom_pcg", rank=3, pcg_iterations=0)
+    with pytest.raises(ValueError, match="SPRING: seed must be an int; got 'a'"):
+        SPRING(model, problem, solver="nystrom", rank=3, seed="a")
+    with pytest.raises(ValueError, match="ENGDWoodbury: solver 'nystrom' needs damping > 0"):
+        ENGDWoodbury(model, problem, solver="nystrom", rank=3, damping=0.0)

@@ -105,6 +105,8 @@ def _unflatten(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
 
 
 def _check_lr(lr, caller: str) -> None:
+    if isinstance(lr, bool):  # bool is an int to Python: lr=True would be a step of 1
+        raise ValueError(f"{caller}: lr must be 'line_search' or a positive float; got {lr!r}.")
     if isinstance(lr, str):
         if lr != "line_search":
             raise ValueError(f"{caller}: lr must be 'line_search' or a positive float; got {lr!r}.")
@@ -113,7 +115,9 @@ def _check_lr(lr, caller: str) -> None:
 
 
 def _check_nonneg(value, name: str, caller: str) -> None:
-    if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+    if isinstance(value, bool) or not (
+        isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)
+    ):
         raise ValueError(f"{caller}: {name} must be a finite number >= 0; got {value!r}.")
 
 
@@ -130,6 +134,11 @@ class NaturalGradientBase(Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{self._caller}: model must be an nn.Module; got {type(model).__name__}."
+            )
+        if not isinstance(problem, Problem):
+            raise TypeError(
+                f"{self._caller}: problem must be a curvkit.pinn Problem; "
+                f"got {type(problem).__name__}."
             )
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -257,6 +266,7 @@ class HessianFree(NaturalGradientBase):
         _check_nonneg(damping, "damping", self._caller)
         if not (isinstance(max_iter, int) and max_iter >= 1):
             raise ValueError(f"HessianFree: max_iter must be an int >= 1; got {max_iter!r}.")
+        _check_nonneg(rtol, "rtol", self._caller)
         super().__init__(model, problem, dict(lr=lr, damping=damping, max_iter=max_iter, rtol=rtol))
 
     def _direction(self, lin, group, params):

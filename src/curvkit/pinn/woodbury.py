@@ -26,11 +26,20 @@ from curvkit.pinn.solves import _SOLVERS, KernelSolver, kernel_solve
 __all__ = ["ENGDWoodbury", "SPRING"]
 
 
-def _check_solver(solver, rank, caller: str) -> None:
+def _check_solver(solver, rank, damping, pcg_iterations, seed, caller: str) -> None:
     if solver not in _SOLVERS:
         raise ValueError(f"{caller}: solver must be one of {_SOLVERS}; got {solver!r}.")
     if solver != "cholesky" and not (isinstance(rank, int) and rank >= 1):
         raise ValueError(f"{caller}: solver {solver!r} needs an int rank >= 1; got {rank!r}.")
+    # Checked here as well as in kernel_solve, so that a bad setting fails before training.
+    if solver != "cholesky" and not damping > 0:
+        raise ValueError(f"{caller}: solver {solver!r} needs damping > 0; got {damping!r}.")
+    if isinstance(pcg_iterations, bool) or not (
+        isinstance(pcg_iterations, int) and pcg_iterations >= 1
+    ):
+        raise ValueError(f"{caller}: pcg_iterations must be an int >= 1; got {pcg_iterations!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{caller}: seed must be an int; got {seed!r}.")
 
 
 class _KernelMixin:
@@ -87,7 +96,7 @@ class ENGDWoodbury(_KernelMixin, NaturalGradientBase):
         seed: int = 0,
     ):
         _check_nonneg(damping, "damping", self._caller)
-        _check_solver(solver, rank, self._caller)
+        _check_solver(solver, rank, damping, pcg_iterations, seed, self._caller)
         super().__init__(
             model,
             problem,
@@ -151,11 +160,15 @@ class SPRING(_KernelMixin, NaturalGradientBase):
         _check_nonneg(damping, "damping", self._caller)
         if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
             raise ValueError(f"SPRING: momentum must be in [0, 1); got {momentum!r}.")
-        if norm_constraint is not None and not norm_constraint > 0:
+        if norm_constraint is not None and not (
+            isinstance(norm_constraint, (int, float))
+            and not isinstance(norm_constraint, bool)
+            and norm_constraint > 0
+        ):
             raise ValueError(
                 f"SPRING: norm_constraint must be > 0 or None; got {norm_constraint!r}."
             )
-        _check_solver(solver, rank, self._caller)
+        _check_solver(solver, rank, damping, pcg_iterations, seed, self._caller)
         super().__init__(
             model,
             problem,
