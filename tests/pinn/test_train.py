@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from curvkit.pinn.history import History, plot_histories
 from curvkit.pinn.problems import poisson
@@ -90,3 +91,59 @@ def test_bad_arguments_raise():
         train(_problem(), method="lbfgs", steps=1)
     with pytest.raises(ValueError, match="train: pass steps"):
         train(_problem(), method="adam")
+
+
+def test_a_non_finite_loss_is_recorded_before_stopping(tmp_path):
+    # It used to stop without recording the step (unless it fell on eval_every), so the history
+    # and the checkpoint's step count lagged behind the model.
+    with pytest.warns(RuntimeWarning, match="train: the loss is"):
+        h = train(_problem(), method="adam", steps=50, eval_every=100, options={"lr": 1e200},
+                  checkpoint=tmp_path / "run.pt", **SMALL)
+    assert h.step[0] == 0 and len(h.step) == 2 and 1 <= h.step[-1] < 50
+    assert not math.isfinite(h.loss[-1])
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    from curvkit.pinn.problems import heat
+
+    ckpt = tmp_path / "run.pt"
+    opts = {"damping": 1e-6}
+    train(_problem(), method="engd_woodbury", steps=1, options=opts, checkpoint=ckpt, **SMALL)
+    # another method failed with a KeyError inside load_state_dict; other options or another
+    # problem of the same shape were silently replaced by the checkpoint's
+    with pytest.raises(ValueError, match=r"train: cannot resume .* method \(checkpoint "
+                                         r"'engd_woodbury', now 'spring'\)"):
+        train(_problem(), method="spring", steps=2, options=opts, resume=ckpt, **SMALL)
+    with pytest.raises(ValueError, match=r"train: cannot resume .* options"):
+        train(_problem(), method="engd_woodbury", steps=2, options={"damping": 1e-3},
+              resume=ckpt, **SMALL)
+    with pytest.raises(ValueError, match=r"train: cannot resume .* problem \(checkpoint "
+                                         r"'poisson2d', now 'heat1d'\)"):
+        train(heat(1, hidden=(8,)), method="engd_woodbury", steps=2, options=opts,
+              resume=ckpt, **SMALL)
+    with pytest.raises(ValueError, match=r"train: cannot resume .* resample"):
+        train(_problem(), method="engd_woodbury", steps=2, options=opts, resample=False,
+              resume=ckpt, **SMALL)
+
+
+def test_a_float32_model_trains_on_float32_points():
+    from curvkit.pinn.problems import mlp
+
+    model = mlp(2, (8,), dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    h = train(_problem(), model, method="engd_woodbury", steps=2, options={"damping": 1e-4},
+              **SMALL)
+    assert h.step == [0, 1, 2] and all(math.isfinite(v) for v in h.loss + h.l2_error)
+    assert model[0].weight.dtype == torch.float32
+
+
+def test_bad_stopping_and_size_arguments_raise():
+    with pytest.raises(ValueError, match="train: steps must be an int >= 0; got -1"):
+        train(_problem(), method="adam", steps=-1)
+    with pytest.raises(ValueError, match="train: steps must be an int >= 0; got 2.5"):
+        train(_problem(), method="adam", steps=2.5)
+    with pytest.raises(ValueError, match="train: time_budget must be a number >= 0; got -1"):
+        train(_problem(), method="adam", time_budget=-1)
+    with pytest.raises(ValueError, match="train: num_eval must be an int >= 1; got 0"):
+        train(_problem(), method="adam", steps=1, num_eval=0)
+    with pytest.raises(TypeError, match="train: problem must be a curvkit.pinn Problem; got str"):
+        train("poisson", method="adam", steps=1)

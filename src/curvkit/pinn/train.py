@@ -66,7 +66,7 @@ def train(
     Args:
         problem: The PDE problem.
         model: The network (trained in place); None builds ``problem.default_model`` seeded by
-            ``seed`` in float64.
+            ``seed`` in float64. Points are sampled in the model's parameter dtype.
         method: ``"spring"``, ``"engd_woodbury"``, ``"engd"``, ``"hessian_free"`` or ``"adam"``.
         steps: Stop after this many steps (in total, counting resumed ones).
         time_budget: Stop once this many seconds of training time have passed (in total);
@@ -82,40 +82,83 @@ def train(
         progress: Show a tqdm progress bar.
         checkpoint: Write ``{model, optimizer, sampler, history}`` here at the end (``torch.save``).
         resume: Continue from a checkpoint written by an earlier call (same problem, method,
-            options and model architecture); the history continues where it stopped.
+            options, sizes, seed, ``resample`` and model architecture, else ``ValueError``);
+            the history continues where it stopped.
 
     Returns:
         The ``History`` (``loss``, ``l2_error``, ``time``, ``step``, ``step_size``).
 
     Raises:
-        ValueError: Unknown method, no stopping criterion, or bad sizes.
+        TypeError: If ``problem`` is not a ``Problem``.
+        ValueError: Unknown method, no or a bad stopping criterion, bad sizes, or a ``resume``
+            checkpoint written by another run.
     """
+    if not isinstance(problem, Problem):
+        raise TypeError(
+            f"train: problem must be a curvkit.pinn Problem; got {type(problem).__name__}."
+        )
     if method not in METHODS:
         raise ValueError(f"train: method must be one of {sorted(METHODS)}; got {method!r}.")
     if steps is None and time_budget is None:
         raise ValueError("train: pass steps=... or time_budget=... (got neither).")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ValueError(f"train: steps must be an int >= 0; got {steps!r}.")
+    if time_budget is not None and (
+        isinstance(time_budget, bool)
+        or not isinstance(time_budget, (int, float))
+        or not time_budget >= 0
+    ):
+        raise ValueError(f"train: time_budget must be a number >= 0; got {time_budget!r}.")
     if eval_every < 1:
         raise ValueError(f"train: eval_every must be >= 1; got {eval_every}.")
+    if num_eval is not None and (isinstance(num_eval, bool) or not isinstance(num_eval, int)
+                                 or num_eval < 1):
+        raise ValueError(f"train: num_eval must be an int >= 1; got {num_eval!r}.")
     options = dict(options or {})
     if model is None:
         model = problem.default_model(generator=torch.Generator().manual_seed(seed))
+    # Points in the model's precision, so that a float32 model trains in float32.
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float64)
     n_in = problem.num_interior if num_interior is None else int(num_interior)
     n_bd = problem.num_boundary if num_boundary is None else int(num_boundary)
     sampler = torch.Generator().manual_seed(seed + 1)
     X_eval = problem.sample_interior(
         10 * n_in if num_eval is None else int(num_eval),
         generator=torch.Generator().manual_seed(seed + 2),
+        dtype=dtype,
     )
     optimizer = _make_optimizer(method, model, problem, options)
-    fixed_batch = None if resample else problem.sample(n_in, n_bd, generator=sampler)
+    fixed_batch = None if resample else problem.sample(n_in, n_bd, generator=sampler, dtype=dtype)
+    meta = {
+        "problem": problem.name,
+        "method": method,
+        "options": options,
+        "num_interior": n_in,
+        "num_boundary": n_bd,
+        "seed": seed,
+        "resample": resample,
+    }
 
     def next_batch():
         if fixed_batch is not None:
             return fixed_batch
-        return problem.sample(n_in, n_bd, generator=sampler)
+        return problem.sample(n_in, n_bd, generator=sampler, dtype=dtype)
 
     if resume is not None:
         state = torch.load(resume, weights_only=False)
+        # load_state_dict would keep the checkpoint's hyperparameters over ``options`` (or fail
+        # with a KeyError for another method), and another problem or batch would go unnoticed.
+        saved = state["history"].get("meta", {})
+        differing = [
+            f"{key} (checkpoint {saved[key]!r}, now {value!r})"
+            for key, value in meta.items()
+            if key in saved and saved[key] != value
+        ]
+        if differing:
+            raise ValueError(
+                f"train: cannot resume from {str(resume)!r}, written by another run; it differs "
+                f"in {', '.join(differing)}."
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.set_state(state["sampler"])
@@ -123,24 +166,12 @@ def train(
             fixed_batch = type(problem.sample(1, 1))(*state["fixed_batch"])
         history = History.from_dict(state["history"])
     else:
-        history = History(
-            meta={
-                "problem": problem.name,
-                "method": method,
-                "options": options,
-                "num_interior": n_in,
-                "num_boundary": n_bd,
-                "seed": seed,
-            }
-        )
+        history = History(meta=meta)
         with torch.no_grad():
-            initial = float(
-                pinn_loss(
-                    model,
-                    problem,
-                    problem.sample(n_in, n_bd, generator=torch.Generator().manual_seed(seed + 3)),
-                )
+            first = problem.sample(
+                n_in, n_bd, generator=torch.Generator().manual_seed(seed + 3), dtype=dtype
             )
+            initial = float(pinn_loss(model, problem, first))
         history.append(step=0, time=0.0, loss=initial, l2_error=problem.l2_error(model, X_eval))
     step = history.step[-1]
     elapsed = history.time[-1]
@@ -168,7 +199,9 @@ def train(
             eta = optimizer.state[optimizer.param_groups[0]["params"][0]]["step_size"]
         elapsed += time.perf_counter() - start
         step += 1
-        if step % eval_every == 0 or done():
+        # A non-finite loss ends the run: record that step too, so that the history (and the
+        # checkpoint's step count) matches the model.
+        if step % eval_every == 0 or done() or not math.isfinite(value):
             error = problem.l2_error(model, X_eval)
             history.append(step=step, time=elapsed, loss=value, l2_error=error, step_size=eta)
             if bar is not None:
