@@ -244,3 +244,43 @@ def test_points_that_do_not_fit_the_model_raise_clearly():
     with pytest.raises(ValueError, match=r"linearize: the model's first Linear takes 3 inputs "
                                          r"but the points have 2 coordinates"):
         linearize(mlp(3, (4,)), problem, batch)
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def _modified_linear_models(g):
+    def net(first):
+        return nn.Sequential(first, nn.Tanh(), mlp(5, (), generator=g)[0])
+
+    hooked = net(mlp(2, (), out_dim=5, generator=g)[0])
+    hooked[0].register_forward_hook(lambda module, args, out: 3.0 * out)
+    outer = net(mlp(2, (), out_dim=5, generator=g)[0])
+    outer.register_forward_pre_hook(lambda module, args: (args[0] + 0.5,))
+    torch.manual_seed(0)  # test-only: nn.Linear draws from the global RNG
+    return {
+        "subclass": net(_ScaledLinear(2, 5, dtype=torch.float64)),
+        "layer_hook": hooked,
+        "model_hook": outer,
+        "weight_norm": net(torch.nn.utils.parametrizations.weight_norm(
+            nn.Linear(2, 5, dtype=torch.float64))),
+    }
+
+
+@pytest.mark.parametrize("kind", ["subclass", "layer_hook", "model_hook", "weight_norm"])
+def test_linear_layers_with_a_changed_forward_take_the_general_path(kind):
+    # The fast path re-implements nn.Linear from the weights alone: a subclass's forward or a
+    # hook was silently ignored, and a parametrized weight broke its parameter indices.
+    problem = poisson(2)
+    g = torch.Generator().manual_seed(7)
+    model = _modified_linear_models(g)[kind]
+    batch = problem.sample(6, 4, generator=g)
+    expected = residuals(model, problem, batch).detach()
+    with torch.no_grad():
+        r_bd = (model(batch.boundary).reshape(-1) - problem.solution(batch.boundary)) / 2.0
+    torch.testing.assert_close(expected[6:], r_bd, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(linearize(model, problem, batch).residual, expected,
+                               rtol=1e-13, atol=1e-14)
+    assert mlp_structure(model) is None

@@ -79,21 +79,38 @@ class MLPStructure:
     linear_shapes: tuple[tuple[int, int, bool], ...]  # (out, in, has_bias) per Linear
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether forward hooks (the module's own or global ones) may change what it computes."""
+    from torch.nn.modules import module as _module
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+    )
+
+
 def mlp_structure(model: nn.Module) -> MLPStructure | None:
     """The structure of ``model`` if the forward Laplacian supports it, else None.
 
     Supported: an ``nn.Sequential`` of ``nn.Linear``, ``nn.Tanh``, ``nn.Sigmoid``, ``Sin`` and
-    ``nn.Identity`` (skipped) whose first layer is a ``Linear`` and whose last ``Linear`` has one
-    output, with every parameter trainable and no ``Linear`` used twice.
+    ``nn.Identity`` (skipped) — exactly these types, without forward hooks — whose first layer
+    is a ``Linear`` and whose last ``Linear`` has one output, with every parameter trainable and
+    no ``Linear`` used twice.
     """
-    if not isinstance(model, nn.Sequential) or len(model) == 0:
+    if type(model) is not nn.Sequential or len(model) == 0 or _hooked(model):
         return None
     ops: list[tuple[str, object]] = []
     shapes: list[tuple[int, int, bool]] = []
     index = 0
     seen: set[int] = set()
     for layer in model:
-        if isinstance(layer, nn.Linear):
+        if _hooked(layer):
+            return None
+        # Exact types: a subclass (or a parametrized Linear, which is one) may compute
+        # something else than the formula below from its weights.
+        if type(layer) is nn.Linear:
             # A reused Linear shares parameters, which model.parameters() lists only once: the
             # per-occurrence indices below would be wrong (the general path handles sharing).
             if id(layer) in seen or not all(p.requires_grad for p in layer.parameters()):
