@@ -284,3 +284,16 @@ def test_linear_layers_with_a_changed_forward_take_the_general_path(kind):
     torch.testing.assert_close(linearize(model, problem, batch).residual, expected,
                                rtol=1e-13, atol=1e-14)
     assert mlp_structure(model) is None
+
+
+def test_batch_is_any_pair_of_point_tensors():
+    problem = poisson(2)
+    g = torch.Generator().manual_seed(8)
+    model = mlp(2, (4,), generator=g)
+    batch = problem.sample(4, 3, generator=g)
+    # optimizers took a plain tuple, loss() failed on it with an AttributeError
+    assert loss(model, problem, tuple(batch)) == loss(model, problem, batch)
+    for call in (loss, linearize):
+        with pytest.raises(ValueError, match=r"batch must be a pair \(interior, boundary\) of "
+                                             r"point tensors; got a tuple of length 1"):
+            call(model, problem, (batch.interior,))

@@ -230,7 +230,15 @@ def _check_fits(model: object, X: Tensor, what: str, caller: str) -> None:
             )
 
 
-def _check_batch(problem: Problem, batch: Batch, caller: str, model: object = None) -> None:
+def _check_batch(problem: Problem, batch: Batch, caller: str, model: object = None) -> Batch:
+    """Check the points against the problem (and the model); return them as a ``Batch``."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        got = f"a {type(batch).__name__}" + (
+            f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+        )
+        raise ValueError(
+            f"{caller}: batch must be a pair (interior, boundary) of point tensors; got {got}."
+        )
     for name, X in zip(("interior", "boundary"), batch):
         if not isinstance(X, Tensor) or X.ndim != 2 or X.shape[1] != problem.dim or X.shape[0] < 1:
             got = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
@@ -245,6 +253,7 @@ def _check_batch(problem: Problem, batch: Batch, caller: str, model: object = No
                 f"{caller}: {name} points must be finite; got {bad} non-finite coordinate(s)."
             )
         _check_fits(model, X, f"{name} points have", caller)
+    return Batch(*batch)
 
 
 def _stack(problem: Problem, batch: Batch, d: Derivatives, u_boundary: Tensor) -> Tensor:
@@ -270,7 +279,7 @@ def residuals(model: nn.Module, problem: Problem, batch: Batch) -> Tensor:
     Raises:
         ValueError: If the batch does not match the problem's dimension.
     """
-    _check_batch(problem, batch, "residuals", model)
+    batch = _check_batch(problem, batch, "residuals", model)
     d = derivatives(model, batch.interior, laplacian_dims=problem.laplacian_dims)
     return _stack(problem, batch, d, model(batch.boundary))
 
