@@ -21,7 +21,7 @@ class History:
         loss: Loss ``½‖r̃‖²`` on the step's batch before the update (for ``step = 0``: the first
             batch's loss at initialisation).
         l2_error: L2 error on the held-out points after the update.
-        step_size: The step size the optimizer took (NaN for Adam).
+        step_size: The step size the optimizer took (Adam: its learning rate; NaN at step 0).
         meta: Problem, method and options of the run.
     """
 
