@@ -165,8 +165,8 @@ def test_bad_batch_raises():
 
 def test_sequential_reusing_a_linear_layer_raises_clearly():
     # The same Linear registered twice ties its parameters: the fast path's per-layer indices
-    # ran past model.parameters() (IndexError) and curvkit.taylor's capture turned the tied
-    # parameters into plain tensors. Both paths now refuse such a model up front.
+    # ran past model.parameters() (IndexError) and the general path's J lacked the tied
+    # parameters' columns. Both paths now refuse such a model up front.
     problem = poisson(2)
     g = torch.Generator().manual_seed(6)
     shared = mlp(4, (), out_dim=4, generator=g)[0]

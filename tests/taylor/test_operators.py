@@ -297,3 +297,16 @@ def test_refuses_to_run_inside_torch_func_transforms():
     with pytest.raises(RuntimeError, match="torch.func transforms"):
         torch.func.grad(lambda x: op(x).sum())(X)
     assert op(X).shape == (4, 1)  # fine outside
+
+
+def test_reused_layer_keeps_its_parameters():
+    """A layer registered twice (tied weights): the capture must not replace its Parameters."""
+    torch.manual_seed(0)
+    shared = nn.Linear(2, 2)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(2, 1)).double()
+    X = torch.rand(3, 2, dtype=torch.float64)
+    out = laplacian(model)(X).reshape(-1)
+    assert isinstance(model[0].weight, nn.Parameter) and model[0].weight is model[2].weight
+    torch.testing.assert_close(out, laplacian_reference(model, X).reshape(-1))
+    out.sum().backward()  # both uses of the shared weight reach its gradient
+    assert model[0].weight.grad is not None

@@ -62,9 +62,9 @@ def _check_dims(
 def _check_untied(f: object, caller: str) -> None:
     """Refuse modules that register one parameter under two names (e.g. a reused layer).
 
-    Neither path supports them: the layer-wise Jacobian gives every layer its own columns, and
-    ``curvkit.taylor``'s capture (``functional_call`` on the tied names) leaves the tied
-    parameters behind as plain tensors, silently breaking the model.
+    Neither Jacobian path supports them: the layer-wise one gives every layer occurrence its
+    own columns, and the general one lost the tied parameters' columns (checked against
+    ``torch.func``); a clear error instead of a wrong ``J``.
     """
     if not isinstance(f, nn.Module):
         return

@@ -130,8 +130,19 @@ class CapturedFunction:
                     return f(x)
 
             detached = {k: v.detach() for k, v in state.items()}
-            with torch.no_grad():
-                gm = make_fx(traced)(detached, x.detach())
+            # functional_call swaps tensors into the module and back; a submodule registered
+            # under two names (a reused layer) is swapped twice and ends up holding the traced
+            # stand-ins instead of its Parameters. Put the originals back whatever happens.
+            saved = []
+            if isinstance(self.f, nn.Module):
+                saved = [(m, dict(m._parameters), dict(m._buffers)) for m in self.f.modules()]
+            try:
+                with torch.no_grad():
+                    gm = make_fx(traced)(detached, x.detach())
+            finally:
+                for m, parameters, buffers in saved:
+                    m._parameters.update(parameters)
+                    m._buffers.update(buffers)
             self.programs[key] = _Program(gm)
         return self.programs[key]
 
