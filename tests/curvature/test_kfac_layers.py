@@ -501,3 +501,33 @@ def test_positional_embedding_shared_by_all_examples_is_exact_as_other():
     torch.testing.assert_close(K.to_dense(), dense_ggn(model, loss_fn, data, ["pos.weight"]))
     with pytest.raises(ValueError, match=r"\['pos'\] are called on a tensor shared by all"):
         KFAC(model, loss_fn, data, other="error")
+
+
+class _ViewCNN(nn.Module):
+    """A CNN whose forward flattens with ``view``, which a channels-last activation refuses."""
+
+    def __init__(self, flatten_by_view):
+        super().__init__()
+        self.conv, self.lin = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3 * 4 * 4, 2)
+        self.flatten_by_view = flatten_by_view
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.lin(h.view(h.shape[0], -1) if self.flatten_by_view else h.flatten(1))
+
+
+def test_channels_last_pass_falls_back_for_models_that_need_their_layout():
+    """Image batches run channels last (faster on CPU) unless the model refuses that layout."""
+    torch.manual_seed(0)
+    flat, viewed = _ViewCNN(False).double(), _ViewCNN(True).double()
+    viewed.load_state_dict(flat.state_dict())
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(5, 2, 4, 4, generator=g), torch.randint(0, 2, (5,), generator=g))]
+    loss_fn = nn.CrossEntropyLoss()
+    with pytest.raises(RuntimeError, match="view"):  # the layout really is refused
+        viewed(data[0][0].contiguous(memory_format=torch.channels_last))
+    # channels last (flat) against the model's own layout (viewed, after the fallback)
+    for cls in (KFAC, EKFAC):
+        a = cls(flat, loss_fn, data).to_dense()
+        b = cls(viewed, loss_fn, data).to_dense()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -210,6 +210,9 @@ class ConvRule(KroneckerRule):
     def output_gram(self, module, g):
         if module.groups != 1:
             return super().output_gram(module, g)
+        rows = g.movedim(1, -1)
+        if rows.is_contiguous():  # channels last: one (N·S, C_out) matrix, no copy
+            return gram(rows.reshape(-1, g.shape[1])).unsqueeze(0)
         m = g.reshape(g.shape[0], g.shape[1], -1)  # (N, C_out, S): no copy
         return torch.bmm(m, m.transpose(1, 2)).sum(0).unsqueeze(0)
 
