@@ -243,9 +243,10 @@ class KFAC(LinearOperator):
                 side = s_c if side is None else side.add_(s_c)
                 rows += R_c
         # An input without the examples in it (a tensor shared by all of them) gets gradients
-        # summed over the examples: no Kronecker factor can be formed from those.
-        expected = "N" if self.approx == "reduce" else "a multiple of N"
-        if (rows != N) if self.approx == "reduce" else (N > 0 and rows % N != 0):
+        # summed over the examples: no Kronecker factor can be formed from those. (The factor
+        # pass moves such layers to the other parameters; this catches what it cannot test.)
+        if rows % N if self.approx == "expand" else rows != N:
+            expected = "a multiple of N" if self.approx == "expand" else "N"
             raise ValueError(
                 f"KFAC: module {plan.path!r} saw {rows} input rows in batch {batch.index}; "
                 f"expected {expected} = {N}, one set of rows per example (is its input shared "
@@ -253,11 +254,8 @@ class KFAC(LinearOperator):
         # Normalise by the number of input rows summed, not N times the positions of one call:
         # a layer may see the batch elsewhere than in front ((S, N, D) in a sequence-first
         # model, (N·T, C, H, W) folded frames). Weights need batch-first inputs, so there the
-        # rows are N·S and the total is Σ w · S.
-        if w is None:
-            total = A.new_tensor(float(rows))
-        else:
-            total = w.sum() * (rows // N if N else 0)
+        # rows are N·S and the total is Σ w · S. (Empty batches never get here.)
+        total = A.new_tensor(float(rows)) if w is None else w.sum() * (rows // N)
         if plan.joint:
             d = A.shape[-1]
             joint = A.new_empty(A.shape[0], d + 1, d + 1)

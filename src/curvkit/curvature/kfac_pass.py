@@ -153,6 +153,17 @@ def _cat(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def _example_dims(batch: Batch):
+    """Per leaf of ``batch.X``: 0 where it holds the examples in front, else None.
+
+    Entries of a mapping input that are not batched (flags, numbers, 0-d tensors) belong to
+    every example unchanged.
+    """
+    N = batch.batch_size
+    return tree_map(lambda t: 0 if isinstance(t, Tensor) and t.ndim and t.shape[0] == N
+                    else None, batch.X)
+
+
 class FactorPass:
     """Hooks and per-batch accumulation shared by KFAC and EKFAC.
 
@@ -278,8 +289,7 @@ class FactorPass:
                         for m in self.engine.model.modules()):
             return []
         full = {id(p): p.calls for p in self.layers}
-        one = tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.ndim and t.shape[0] == N
-                       else t, batch.X)
+        one = tree_map(lambda t, d: t if d is None else t[:1], batch.X, _example_dims(batch))
         try:
             with torch.no_grad():
                 self._record(one)
@@ -393,11 +403,7 @@ class FactorPass:
         """
         base = {n: p.detach() for n, p in self.engine.params.items()}
         sub = {n: base[n] for n in self.others}
-        # Entries of a mapping input that are not batched (flags, numbers, 0-d tensors) go to
-        # every example unchanged.
-        N = batch.batch_size
-        x_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) and t.ndim and t.shape[0] == N
-                          else None, batch.X)
+        x_dims = _example_dims(batch)
 
         def per_example(x, v):  # v: (K, *out_n)
             def f(p):
