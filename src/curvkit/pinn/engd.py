@@ -45,13 +45,14 @@ def _loss_fn(model: nn.Module, problem: Problem, batch: Batch) -> Callable[[list
     structure = mlp_structure(model)
     X_in, X_bd = batch
     if structure is not None:
+        target = problem.boundary_target(X_bd)  # once, not at each of the 31 evaluations
 
         def loss(params: list[Tensor]) -> float:
             with torch.no_grad():
                 d = mlp_derivatives(structure, params, X_in, problem.laplacian_dims)
                 r_in = problem.interior_residual(X_in, d)
                 u_bd = mlp_derivatives(structure, params, X_bd, None, order=0).value
-                r_bd = u_bd - problem.boundary_target(X_bd)
+                r_bd = u_bd - target
                 return 0.5 * float(r_in.square().mean() + r_bd.square().mean())
 
         return loss
