@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
+import curvkit.pinn._mlp as mlp_module
 import curvkit.pinn.jacobian as jacobian_module
 from curvkit.pinn._mlp import Sin, forward_laplacian, mlp_structure
 from curvkit.pinn.engd import _loss_fn
@@ -114,6 +115,27 @@ def test_fast_path_parameter_gradient_equals_curvkit_taylor():
                                 + ref.value.reshape(-1)).sum(),
                                list(model.parameters()))
     for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fast_path_in_row_chunks_equals_one_pass(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    model = _sequential("tanh", 3, g)
+    X = torch.rand(11, 3, generator=g)
+
+    def run():
+        d = derivatives(model, X, laplacian_dims=(0, 2))
+        grads = torch.autograd.grad((d.laplacian.square() + d.gradient.sum(1) + d.value).sum(),
+                                    list(model.parameters()))
+        return [t.detach() for t in d] + list(grads)
+
+    whole = run()
+    structure = mlp_structure(model)
+    assert mlp_module._chunk_rows(structure, X) >= 11  # one pass at the default budget
+    width = max(max(o, i) for o, i, _ in structure.linear_shapes)
+    monkeypatch.setattr(mlp_module, "_CHUNK_BYTES", 4 * 3 * width * X.element_size())
+    assert mlp_module._chunk_rows(structure, X) == 4  # chunks of 4, 4, 3 points
+    for a, b in zip(run(), whole):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 

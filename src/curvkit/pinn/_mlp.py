@@ -201,6 +201,20 @@ def forward_laplacian(
     return H, captured
 
 
+# Points per chunk of ``mlp_derivatives``: its largest temporaries, the directional derivatives
+# ``(rows, D, width)``, stay within about 1 MiB, so that each layer's products and activations
+# run in cache instead of streaming fresh buffers (each first touched through page faults).
+# Measured on the benchmark network, float64, one thread, no autograd (2026-11-28): 3000 points
+# in 5-d 54 -> 32 ms, in 10-d 106 -> 42 ms; 1000 points in 100-d 523 -> 103 ms; budgets of
+# 256 KiB (Python overhead per chunk) and 4 MiB were slower.
+_CHUNK_BYTES = 1 << 20
+
+
+def _chunk_rows(structure: MLPStructure, X: Tensor) -> int:
+    width = max(max(out, in_) for out, in_, _ in structure.linear_shapes)
+    return max(1, _CHUNK_BYTES // (X.shape[1] * width * X.element_size()))
+
+
 def mlp_derivatives(
     structure: MLPStructure,
     params: Sequence[Tensor],
@@ -218,9 +232,14 @@ def mlp_derivatives(
 
     Returns:
         ``Derivatives`` with shapes ``(N,)``, ``(N, D)``, ``(N,)`` (gradient / Laplacian None
-        below their order).
+        below their order). Large batches run in row chunks (``_CHUNK_BYTES``).
     """
     N, D = X.shape
+    rows = _chunk_rows(structure, X)
+    if N > rows:
+        parts = [mlp_derivatives(structure, params, x, laplacian_dims, order)
+                 for x in X.split(rows)]
+        return Derivatives(*(None if p[0] is None else torch.cat(p) for p in zip(*parts)))
     value, grads, lap = X, None, None  # grads: (N | 1, D, width); lap: (N | 1, width)
     first = True
     subset = None if laplacian_dims is None or len(laplacian_dims) == D else list(laplacian_dims)
