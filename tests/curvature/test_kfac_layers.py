@@ -1,5 +1,7 @@
 """KFAC for convolutions, embeddings, norm layers, other parameters and weight tying."""
 
+import copy
+
 import pytest
 import torch
 from kfac_cases import (
@@ -13,6 +15,7 @@ from torch import nn
 
 from curvkit.curvature.ekfac import EKFAC
 from curvkit.curvature.kfac import KFAC
+from curvkit.curvature.kfac_pass import FactorPass
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
@@ -501,6 +504,53 @@ def test_positional_embedding_shared_by_all_examples_is_exact_as_other():
     torch.testing.assert_close(K.to_dense(), dense_ggn(model, loss_fn, data, ["pos.weight"]))
     with pytest.raises(ValueError, match=r"\['pos'\] are called on a tensor shared by all"):
         KFAC(model, loss_fn, data, other="error")
+
+
+class _PositionalNormLM(_PositionalLM):
+    """``_PositionalLM`` with a BatchNorm over the width, in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(3)
+
+    def forward(self, t):
+        h = self.tok(t) + self.pos(torch.arange(t.shape[1]))
+        h = self.norm(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.tanh(h).mean(dim=1))
+
+
+def test_shared_tensor_found_with_batchnorm_in_training_mode():
+    torch.manual_seed(0)
+    model = _PositionalNormLM().double()
+    assert model.training
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 5, (2, 4), generator=g), torch.randint(0, 5, (2,), generator=g))]
+    loss_fn = nn.CrossEntropyLoss()
+    opts = dict(check_deterministic=False)  # training-mode BatchNorm is refused otherwise
+    with pytest.raises(ValueError, match=r"\['pos'\] are called on a tensor shared by all"):
+        KFAC(model, loss_fn, data, other="error", **opts)
+    # batch statistics have no per-example blocks for the moved parameters: a clear refusal
+    with pytest.raises(ValueError, match=r"\['pos.weight'\] get exact per-example.*BatchNorm1d"):
+        KFAC(model, loss_fn, data, other="dense", **opts)
+    model.eval()
+    K = KFAC(model, loss_fn, data, params=[model.pos.weight], other="dense")
+    torch.testing.assert_close(K.to_dense(), dense_ggn(model, loss_fn, data, ["pos.weight"]))
+
+
+def test_one_example_pass_leaves_batchnorm_statistics_untouched(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    data = class_data((3,), 2, sizes=(5,))
+    sizes = []
+    model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    twin = copy.deepcopy(model)
+    KFAC(model, nn.CrossEntropyLoss(), data, check_deterministic=False)
+    assert 1 in sizes  # the one-example pass ran
+    monkeypatch.setattr(FactorPass, "_shared_input_layers", lambda self, batch: [])
+    KFAC(twin, nn.CrossEntropyLoss(), data, check_deterministic=False)
+    for name, buffer in model[1].named_buffers():
+        assert torch.equal(buffer, twin[1].get_buffer(name)), name
+    assert model[1].num_batches_tracked.item() >= 1  # the real passes count
 
 
 class _ViewCNN(nn.Module):

@@ -281,15 +281,20 @@ class FactorPass:
         over them and no Kronecker factor of per-example quantities can be formed — whatever
         the shapes say (``S`` may well be a multiple of ``N``). Found by one forward pass of the
         first example alone: such a call's input is as large as with the whole batch. Skipped
-        with one example (then every factor is exact) and while a BatchNorm is in training
-        mode (the extra pass would update its running statistics).
+        with one example (then every factor is exact). BatchNorm layers in training mode get
+        their running statistics back afterwards, as if the extra pass had not happened.
         """
         N = batch.batch_size
-        if N < 2 or any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-                        for m in self.engine.model.modules()):
+        if N < 2:
             return []
         full = {id(p): p.calls for p in self.layers}
         one = tree_map(lambda t, d: t if d is None else t[:1], batch.X, _example_dims(batch))
+        # The pass updates copies: the originals may be saved for the batch's backward pass.
+        statistics = [(m, name, b) for m in self.engine.model.modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                      for name, b in m.named_buffers(recurse=False)]
+        for module, name, b in statistics:
+            setattr(module, name, b.clone())
         try:
             with torch.no_grad():
                 self._record(one)
@@ -299,6 +304,8 @@ class FactorPass:
         finally:
             for p in self.layers:
                 p.calls = full[id(p)]
+            for module, name, b in statistics:
+                setattr(module, name, b)
         shared = []
         for plan in self.layers:
             calls = single.get(id(plan), [])
@@ -329,6 +336,13 @@ class FactorPass:
             raise ValueError(f"KFAC: parameters {self.others} belong to no supported layer "
                              "(Linear, Conv1d/2d/3d, Embedding, LayerNorm, RMSNorm, GroupNorm, "
                              "BatchNorm); pass other='diagonal' or 'dense', or exclude them.")
+        training_norms = [type(m).__name__ for m in self.engine.model.modules()
+                          if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        if self.others and training_norms:
+            raise ValueError(f"KFAC: parameters {self.others} get exact per-example blocks from "
+                             "one-example forward passes, which a BatchNorm in training mode "
+                             f"({training_norms[0]}: batch statistics) does not allow; call "
+                             "model.eval() or exclude them via params=.")
         uncovered = self.others + [n for p in self.layers if not p.is_kron
                                    for n in (p.weight, p.bias) if n is not None]
         if uncovered and self.fisher == "forward_only":
