@@ -139,6 +139,12 @@ def test_l2_error_and_default_model():
     with torch.no_grad():
         expected = math.sqrt(float((model(X).reshape(-1) - problem.solution(X)).square().mean()))
     assert err == pytest.approx(expected, rel=1e-14)
+    # points the model cannot take are named (it was torch's matmul dtype error)
+    with pytest.raises(ValueError, match=r"l2_error: X has dtype torch.float64 but the model's "
+                                         r"parameters torch.float32"):
+        problem.l2_error(model.float(), X)
+    with pytest.raises(ValueError, match="first Linear takes 5 inputs but the points have 4"):
+        problem.l2_error(model.double(), X[:, :4])
 
 
 def test_mlp_generator_is_reproducible():

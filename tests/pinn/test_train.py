@@ -46,6 +46,22 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert resumed.l2_error == full.l2_error
 
 
+def test_resume_off_the_eval_grid_matches_an_uninterrupted_run(tmp_path):
+    problem = _problem()
+    opts = {"damping": 1e-6}
+    full = train(problem, method="engd_woodbury", steps=5, eval_every=2, options=opts, **SMALL)
+    assert full.step == [0, 2, 4, 5]
+    ckpt = tmp_path / "run.pt"
+    first = train(problem, method="engd_woodbury", steps=3, eval_every=2, options=opts,
+                  checkpoint=ckpt, **SMALL)
+    assert first.step == [0, 2, 3]  # the stopping step is recorded
+    resumed = train(problem, method="engd_woodbury", steps=5, eval_every=2, options=opts,
+                    resume=ckpt, **SMALL)
+    assert resumed.step == full.step  # ... and dropped again when the run goes on
+    assert resumed.loss == full.loss
+    assert resumed.l2_error == full.l2_error
+
+
 def test_time_budget_stops_training():
     h = train(_problem(), method="engd_woodbury", time_budget=0.5, **SMALL)
     assert h.time[-1] >= 0.5

@@ -42,6 +42,11 @@ class History:
         self.l2_error.append(float(l2_error))
         self.step_size.append(float(step_size))
 
+    def pop(self) -> None:
+        """Remove the last point."""
+        for values in (self.step, self.time, self.loss, self.l2_error, self.step_size):
+            values.pop()
+
     def time_to_reach(self, l2_error: float) -> float:
         """First time at which the L2 error is ``<= l2_error`` (``inf`` if never)."""
         for t, e in zip(self.time, self.l2_error):

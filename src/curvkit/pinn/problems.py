@@ -184,10 +184,31 @@ class Problem:
 
         Most solutions here have unit L2 norm on the domain, so this is roughly a relative error.
         """
+        _check_fits(model, X, "X has", f"{type(self).__name__}.l2_error")
         with torch.no_grad():
             u = model(X).reshape(-1)
             exact = self._checked(self.solution(X), X, "solution")
             return float((u - exact).square().mean().sqrt())
+
+
+def _check_fits(model: object, X: Tensor, what: str, caller: str) -> None:
+    """Points ``X`` a module can take: its parameters' dtype and device, its input width."""
+    if not isinstance(model, nn.Module):
+        return
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if p is not None and (X.dtype != p.dtype or X.device != p.device):
+        raise ValueError(
+            f"{caller}: {what} dtype {X.dtype} but the model's parameters {p.dtype} (devices "
+            f"{X.device}, {p.device}); sample the points in the model's dtype "
+            "(problem.sample(..., dtype=...)) or convert the model."
+        )
+    if isinstance(model, nn.Sequential):
+        first = next((m for m in model if type(m) is not nn.Identity), None)
+        if isinstance(first, nn.Linear) and first.in_features != X.shape[1]:
+            raise ValueError(
+                f"{caller}: the model's first Linear takes {first.in_features} inputs but the "
+                f"points have {X.shape[1]} coordinates."
+            )
 
 
 def mlp(

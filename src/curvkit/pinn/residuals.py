@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from curvkit.pinn._mlp import Sin, forward_laplacian, mlp_derivatives, mlp_structure
-from curvkit.pinn.problems import Batch, Derivatives, Problem
+from curvkit.pinn.problems import Batch, Derivatives, Problem, _check_fits
 from curvkit.taylor import DifferentialOperator, laplacian
 from curvkit.taylor.operators import _Plan, _unit_directions
 
@@ -210,26 +210,6 @@ def derivatives(
 
 
 # --------------------------------------------------------------------------- residuals
-def _check_fits(model: object, X: Tensor, what: str, caller: str) -> None:
-    """Points ``X`` a module can take: its parameters' dtype and device, its input width."""
-    if not isinstance(model, nn.Module):
-        return
-    p = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if p is not None and (X.dtype != p.dtype or X.device != p.device):
-        raise ValueError(
-            f"{caller}: {what} dtype {X.dtype} but the model's parameters {p.dtype} (devices "
-            f"{X.device}, {p.device}); sample the points in the model's dtype "
-            "(problem.sample(..., dtype=...)) or convert the model."
-        )
-    if isinstance(model, nn.Sequential):
-        first = next((m for m in model if type(m) is not nn.Identity), None)
-        if isinstance(first, nn.Linear) and first.in_features != X.shape[1]:
-            raise ValueError(
-                f"{caller}: the model's first Linear takes {first.in_features} inputs but the "
-                f"points have {X.shape[1]} coordinates."
-            )
-
-
 def _check_batch(problem: Problem, batch: Batch, caller: str, model: object = None) -> Batch:
     """Check the points against the problem (and the model); return them as a ``Batch``."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:

@@ -83,7 +83,8 @@ def train(
         checkpoint: Write ``{model, optimizer, sampler, history}`` here at the end (``torch.save``).
         resume: Continue from a checkpoint written by an earlier call (same problem, method,
             options, sizes, seed, ``resample`` and model architecture, else ``ValueError``);
-            the history continues where it stopped.
+            the history continues where it stopped, as an uninterrupted run's would (a point
+            recorded only because the earlier run ended off the ``eval_every`` grid is dropped).
 
     Returns:
         The ``History`` (``loss``, ``l2_error``, ``time``, ``step``, ``step_size``).
@@ -165,6 +166,11 @@ def train(
         if state["fixed_batch"] is not None:
             fixed_batch = type(problem.sample(1, 1))(*state["fixed_batch"])
         history = History.from_dict(state["history"])
+        step, elapsed = history.step[-1], history.time[-1]
+        if step % eval_every and math.isfinite(history.loss[-1]):
+            # Recorded only because the earlier run stopped there: without it the history
+            # matches an uninterrupted run's.
+            history.pop()
     else:
         history = History(meta=meta)
         with torch.no_grad():
@@ -173,8 +179,7 @@ def train(
             )
             initial = float(pinn_loss(model, problem, first))
         history.append(step=0, time=0.0, loss=initial, l2_error=problem.l2_error(model, X_eval))
-    step = history.step[-1]
-    elapsed = history.time[-1]
+        step, elapsed = 0, 0.0
 
     bar = None
     if progress:
