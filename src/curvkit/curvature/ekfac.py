@@ -78,6 +78,7 @@ class EKFAC(KFAC):
             return
         fp = self._make_pass(per_example=True)
         fp.check = False
+        fp.shared_paths = self._shared_paths  # found by the factor pass: no second search
         gen = self._generator()  # the same labels as the factor pass
 
         def per_batch(batch):

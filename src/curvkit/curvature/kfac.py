@@ -288,6 +288,7 @@ class KFAC(LinearOperator):
     def _store(self, fp: FactorPass, totals: list[Tensor]) -> None:
         self.specs = [LayerSpec.of(p) for p in fp.layers]
         self.others = list(fp.others)
+        self._shared_paths = fp.shared_paths
         self.factors = {}
         it = iter(totals)
         for plan, spec in zip(fp.layers, self.specs):

@@ -190,6 +190,9 @@ class FactorPass:
         self.per_example = per_example or approx == "reduce"
         self._active = False
         self._first = True
+        # Paths of the modules called on a tensor shared by all examples: found on the first
+        # batch, or given by an earlier pass over the same model (EKFAC's correction pass).
+        self.shared_paths: list[str] | None = None
         # On CPU, 2-d/3-d convolutions and pooling run about twice as fast channels last; the
         # pass feeds image batches in that layout (the same values), unless the model refuses
         # it on the first batch (e.g. ``x.view`` on a non-contiguous activation).
@@ -284,6 +287,8 @@ class FactorPass:
         with one example (then every factor is exact). BatchNorm layers in training mode get
         their running statistics back afterwards, as if the extra pass had not happened.
         """
+        if self.shared_paths is not None:
+            return [p for p in self.layers if p.path in self.shared_paths]
         N = batch.batch_size
         if N < 2:
             return []
@@ -317,6 +322,7 @@ class FactorPass:
 
     def _finalise_plan(self, batch: Batch) -> None:
         shared = self._shared_input_layers(batch)
+        self.shared_paths = [p.path for p in shared]
         if shared and self.other == "error":
             raise ValueError(f"KFAC: modules {[p.path for p in shared]} are called on a tensor "
                              "shared by all examples (e.g. positional embeddings of "
