@@ -212,7 +212,7 @@ _CHUNK_BYTES = 1 << 20
 
 def _chunk_rows(structure: MLPStructure, X: Tensor) -> int:
     width = max(max(out, in_) for out, in_, _ in structure.linear_shapes)
-    return max(1, _CHUNK_BYTES // (X.shape[1] * width * X.element_size()))
+    return max(1, _CHUNK_BYTES // max(1, X.shape[1] * width * X.element_size()))
 
 
 def mlp_derivatives(
