@@ -58,9 +58,10 @@ class EKFAC(KFAC):
         if self.fisher == "forward_only":
             raise ValueError("EKFAC: fisher='forward_only' has no backpropagated gradients to "
                              "correct the eigenvalues with; use KFAC or another fisher.")
-        super().compute()
-        self._eigenbases()
-        self._correct()
+        with self._atomic():
+            super().compute()
+            self._eigenbases()
+            self._correct()
         return self
 
     def _eigenbases(self) -> None:
@@ -162,6 +163,17 @@ class EKFAC(KFAC):
                 b.data = (f["QG"][j], one, f["Eb"][j])
             b.kind = "eigen"
         return blocks
+
+    def _factor_shapes(self, spec, plan) -> dict[str, tuple]:
+        shapes = super()._factor_shapes(spec, plan)
+        if spec.kind == "kron":  # the eigenbases and the corrected eigenvalues
+            A, G = shapes["A"], shapes["G"]
+            shapes |= {"QA": A, "QG": G}
+            if spec.weight is not None:
+                shapes["EW"] = (A[1], G[1]) if spec.order == "AG" else (G[0], G[1], A[1])
+            if spec.bias is not None and not spec.joint:
+                shapes["Eb"] = G[:2]
+        return shapes
 
     def inverse(self, damping: float = 0.0, *, heuristic: Literal["pi"] | None = None,
                 exact: bool = True) -> LinearOperator:

@@ -31,6 +31,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -184,6 +185,26 @@ class KFAC(LinearOperator):
         Returns:
             ``self``, ready for products.
         """
+        with self._atomic():
+            return self._compute()
+
+    @contextmanager
+    def _atomic(self):
+        """Keep the factors and blocks as they were if a ``compute()`` fails part-way.
+
+        ``_store`` replaces them layer by layer, and EKFAC builds KFAC's blocks before its
+        correction pass: a failure would leave factors out of step with the blocks, or an EKFAC
+        that acts as KFAC.
+        """
+        saved = {k: getattr(self, k, None)
+                 for k in ("specs", "others", "factors", "_op", "_shared_paths")}
+        try:
+            yield
+        except BaseException:
+            vars(self).update(saved)
+            raise
+
+    def _compute(self) -> KFAC:
         fp = self._make_pass()
         gen = self._generator()
 
@@ -413,7 +434,11 @@ class KFAC(LinearOperator):
         return self._require("diagonal").diagonal()
 
     def logdet(self, damping: float = 0.0) -> Tensor:
-        """``log det(F + damping·I)`` from the factors' eigenvalues (exact damping)."""
+        """``log det(F + damping·I)`` from the factors' eigenvalues (exact damping).
+
+        Raises:
+            ValueError: If ``damping`` is negative or not finite, or a block is singular.
+        """
         return self._require("logdet").logdet(damping)
 
     def frobenius_norm(self) -> Tensor:
@@ -474,11 +499,15 @@ class KFAC(LinearOperator):
         """Restore factors saved by ``state_dict`` (same parameters and options).
 
         Raises:
-            ValueError: If the state is of another operator type, options or parameters.
+            ValueError: If the state is of another operator type, options or parameters, or its
+                layers and factor shapes are not this model's.
         """
         name = type(self).__name__
         if state.get("type") != name:
             raise ValueError(f"{name}.load_state_dict: state is of {state.get('type')!r}.")
+        missing = {"options", "params", "layers", "others", "factors"} - set(state)
+        if missing:
+            raise ValueError(f"{name}.load_state_dict: the state lacks {sorted(missing)}.")
         mine = {"fisher": self.fisher, "mc_samples": self.mc_samples, "approx": self.approx,
                 "separate_bias": self.separate_bias, "other": self.other}
         if state["options"] != mine:
@@ -488,9 +517,62 @@ class KFAC(LinearOperator):
         if dict(state["params"]) != shapes:
             raise ValueError(f"{name}.load_state_dict: parameters differ: saved "
                              f"{state['params']}, this operator {shapes}.")
-        self.specs = [LayerSpec(**s) for s in state["layers"]]
-        self.others = list(state["others"])
+        specs = [LayerSpec(**s) for s in state["layers"]]
+        others = list(state["others"])
+        self._check_state(specs, others, state["factors"])
+        self.specs, self.others = specs, others
         self.factors = {k: {r: t.to(dtype=self.dtype, device=self.device) for r, t in v.items()}
                         for k, v in state["factors"].items()}
         self._build()
+
+    def _check_state(self, specs: list[LayerSpec], others: list[str], factors: dict) -> None:
+        """Refuse a state whose layers or factor shapes are not this model's.
+
+        Equal parameter names and shapes do not make the same blocks: a bias-free ``Linear``
+        and an ``Embedding``, a convolution with other ``groups``, a norm layer and a custom
+        module all hold a ``weight`` of one shape, and their factors would be read wrongly.
+        """
+        name = type(self).__name__
+        params = self.engine.params
+        plans = {p.path: p for p in plan_layers(self.model, params,
+                                                separate_bias=self.separate_bias)[0]}
+        covered = others + [n for s in specs for n in (s.weight, s.bias) if n is not None]
+        if sorted(covered) != sorted(params):
+            raise ValueError(f"{name}.load_state_dict: the saved blocks cover {sorted(covered)}; "
+                             f"this operator's parameters are {sorted(params)}.")
+
+        def check(label: str, want: dict[str, tuple]) -> None:
+            got = factors.get(label)
+            saved = None if got is None else {k: tuple(t.shape) for k, t in got.items()}
+            if saved != want:
+                raise ValueError(f"{name}.load_state_dict: the factors of {label!r} are not this "
+                                 f"model's: saved {saved}, expected {want}.")
+
+        for spec in specs:
+            plan = plans.get(spec.path)
+            if plan is None or LayerSpec.of(plan) != spec:
+                raise ValueError(
+                    f"{name}.load_state_dict: saved layer {spec.path!r} ({spec.kind} block of "
+                    f"{[n for n in (spec.weight, spec.bias) if n]}) is not this model's "
+                    f"{'layer ' + repr(LayerSpec.of(plan)) if plan else 'structure'}.")
+            check(spec.path, self._factor_shapes(spec, plan))
+        for n in others:
+            numel = params[n].numel()
+            check(n, {self.other: (numel,) if self.other == "diagonal" else (numel, numel)})
+
+    def _factor_shapes(self, spec: LayerSpec, plan: LayerPlan) -> dict[str, tuple]:
+        """The shapes of a layer's factors, by key (as ``_store`` and ``factors`` hold them)."""
+        if spec.kind == "norm":
+            n = {r: self.engine.params[getattr(spec, r)].numel() for r in ("weight", "bias")
+                 if getattr(spec, r) is not None}
+            return ({"joint": (sum(n.values()),) * 2} if spec.joint
+                    else {r: (k, k) for r, k in n.items()})
+        weight = plan.module.weight
+        if spec.order == "AG":  # embedding, W (V, D)
+            V, D = weight.shape
+            return {"A": (1, V, V), "G": (1, D, D)}
+        groups = plan.rule.groups(plan.module)
+        d_out = self._d_out(plan.module, spec, groups)
+        d_in = weight[0].numel() + spec.joint  # Linear (d_out, d_in), Conv (C_out, C_in/g, *k)
+        return {"A": (groups, d_in, d_in), "G": (groups, d_out, d_out)}
 

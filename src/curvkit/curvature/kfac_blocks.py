@@ -208,6 +208,15 @@ class Block:
         return lam, _Kron2(Q1, Q2)
 
 
+def _check_damping(damping, caller: str) -> float:
+    # A NaN or infinite damping would propagate into a NaN/inf result, and a negative one is
+    # reported as a singular block: refuse them by name.
+    damping = float(damping)
+    if not math.isfinite(damping) or damping < 0:
+        raise ValueError(f"{caller}: damping must be a finite number >= 0; got {damping}.")
+    return damping
+
+
 def _shift(M: Tensor, d: float) -> Tensor:
     return M + d * torch.eye(M.shape[0], dtype=M.dtype, device=M.device) if d else M
 
@@ -283,7 +292,8 @@ class PermutedBlocks(Permuted):
 
     def logdet(self, damping: float = 0.0) -> Tensor:
         """``log det(F + damping·I)``, block by block."""
-        return sum(b.logdet(float(damping)) for b in self.blocks)
+        damping = _check_damping(damping, "KFAC.logdet")
+        return sum(b.logdet(damping) for b in self.blocks)
 
     def frobenius_norm(self) -> Tensor:
         """``‖F‖_F``."""
@@ -298,8 +308,6 @@ class PermutedBlocks(Permuted):
     def inverse(self, damping: float = 0.0, *, heuristic: str | None = None,
                 exact: bool = False) -> LinearOperator:
         """Damped inverse, block by block, in ``params`` order."""
-        damping = float(damping)
-        if not math.isfinite(damping) or damping < 0:
-            raise ValueError(f"KFAC.inverse: damping must be a finite number >= 0; got {damping}.")
+        damping = _check_damping(damping, "KFAC.inverse")
         ops = [b.inverse(damping, heuristic, exact) for b in self.blocks]
         return Permuted(ops, self.layout, self.in_shapes)
