@@ -180,3 +180,29 @@ def test_failed_recompute_keeps_the_previous_factors():
     fresh = KFAC(model, nn.CrossEntropyLoss(), data, check_deterministic=False, compute=False)
     fresh.load_state_dict(K.state_dict())
     assert torch.equal(fresh @ X, before)
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_to_points_to_the_way_that_converts_the_factors(cls):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).float()
+    data = [(x.float(), y) for x, y in class_data((3,), 2, sizes=(6,))]
+    K = cls(model, nn.CrossEntropyLoss(), data)
+    with pytest.raises(NotImplementedError, match=r"load_state_dict\(old.state_dict\(\)\)"):
+        K.to(torch.float64)
+    # ... and the way it names works: the same factors, now in float64
+    K64 = cls(model.double(), nn.CrossEntropyLoss(), [(x.double(), y) for x, y in data],
+              compute=False)
+    K64.load_state_dict(K.state_dict())
+    v = torch.randn(K.shape[0], dtype=torch.float64)
+    assert K64.dtype == torch.float64
+    torch.testing.assert_close(K64 @ v, (K @ v.float()).double(), rtol=1e-5, atol=1e-6)
+
+
+def test_model_based_operators_say_how_to_change_dtype():
+    from curvkit.curvature import GGN
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    G = GGN(model, nn.CrossEntropyLoss(), class_data((3,), 2, sizes=(4,)))
+    with pytest.raises(NotImplementedError, match=r"GGN cannot be moved: every product evaluates"):
+        G.to(torch.float32)

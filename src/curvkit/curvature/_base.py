@@ -166,3 +166,9 @@ class CurvatureOperator(LinearOperator):
 
     def _numel(self) -> int:
         return sum(math.prod(s) for s in self.in_shapes)
+
+    def _to(self, dtype, device):
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be moved: every product evaluates the model on the "
+            "data; move the model and the data (model.to(...)) and build a new operator."
+        )

@@ -481,6 +481,14 @@ class KFAC(LinearOperator):
         return op.inverse(damping, heuristic=heuristic, exact=exact)
 
     # ------------------------------------------------------------------ state
+    def _to(self, dtype, device):
+        name = type(self).__name__
+        raise NotImplementedError(
+            f"{name} cannot be moved: its factors follow the model's dtype and device. Move the "
+            f"model and the data and build a new {name}, or load this one's factors into it: "
+            f"{name}(model, loss_fn, data, compute=False).load_state_dict(old.state_dict())."
+        )
+
     def state_dict(self) -> dict:
         """Factors and the options that define them (tensors and plain Python values only)."""
         self._require("state_dict")
