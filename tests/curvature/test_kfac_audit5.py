@@ -206,3 +206,12 @@ def test_model_based_operators_say_how_to_change_dtype():
     G = GGN(model, nn.CrossEntropyLoss(), class_data((3,), 2, sizes=(4,)))
     with pytest.raises(NotImplementedError, match=r"GGN cannot be moved: every product evaluates"):
         G.to(torch.float32)
+
+
+def test_singular_kronecker_block_named_like_the_others_at_zero_damping():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    K = KFAC(model, nn.CrossEntropyLoss(), class_data((5,), 2, sizes=(2,)))  # rank-2 factors
+    with pytest.raises(ValueError, match=r"KFAC.logdet: block '0' is singular"):
+        K.logdet()
+    assert torch.isfinite(K.logdet(1e-3))

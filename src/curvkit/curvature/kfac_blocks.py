@@ -174,7 +174,10 @@ class Block:
     def logdet(self, damping: float) -> Tensor:
         """``log det(B + damping·I)``."""
         if self.kind == "kron" and damping == 0.0:
-            return Kronecker(*self.data, psd=True).logdet()
+            try:  # from the factors' determinants
+                return Kronecker(*self.data, psd=True).logdet()
+            except ValueError:  # a singular factor: named below with its smallest eigenvalue
+                pass
         if self.kind == "kron":
             lam = torch.outer(torch.linalg.eigvalsh(self.data[0]),
                               torch.linalg.eigvalsh(self.data[1])).flatten()
