@@ -323,6 +323,11 @@ def test_nystrom_pcg_converges_faster_than_cg():
         nystrom_pcg(
             decaying_psd(10, g, rank=2)[0], torch.ones(10, dtype=F64), rank=4, generator=gen(0)
         )
+    # a sketch wider than the rank of A factors with a larger shift, passed through
+    low, M_low = decaying_psd(10, g, rank=2)
+    b = torch.ones(10, dtype=F64)
+    x = nystrom_pcg(low, b, rank=6, damping=1e-2, shift=1e-6, rtol=1e-12, generator=gen(0))
+    torch.testing.assert_close(x, torch.linalg.solve(M_low + 1e-2 * eye(10), b))
 
 
 def test_solve_operator_keeps_parameter_shapes_and_moves():

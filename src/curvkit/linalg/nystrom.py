@@ -16,6 +16,10 @@ from curvkit.linalg.structured import _check_damping
 __all__ = ["nystrom", "nystrom_pcg"]
 
 
+class _UnfactorableSketch(ValueError):
+    """The shifted sketch ``Ωᵀ(A + νI)Ω`` has no Cholesky factor (callers may explain why)."""
+
+
 def nystrom(
     A: LinearOperator,
     rank: int,
@@ -80,7 +84,7 @@ def nystrom(
     core = (core + core.T) / 2
     L, info = torch.linalg.cholesky_ex(core)
     if info.any():
-        raise ValueError(
+        raise _UnfactorableSketch(
             "nystrom: the sketch Ωᵀ(A + νI)Ω is not positive definite, so A is not PSD "
             f"(shift ν = {nu:.3e}); pass a larger shift, or use eigsh for indefinite operators."
         )
@@ -99,6 +103,7 @@ def nystrom_pcg(
     rank: int,
     damping: float = 0.0,
     method: Literal["stable", "fast"] = "stable",
+    shift: float | None = None,
     rtol: float = 1e-6,
     atol: float = 0.0,
     max_iter: int | None = None,
@@ -120,6 +125,7 @@ def nystrom_pcg(
         damping: ``μ >= 0``; with ``μ = 0`` the smallest retained Nyström eigenvalue must be
             positive.
         method: Nyström variant (see ``nystrom``).
+        shift: The sketch's shift ``ν`` (see ``nystrom``; None: a multiple of the rounding).
         rtol: As in ``cg``.
         atol: As in ``cg``.
         max_iter: As in ``cg``.
@@ -138,7 +144,7 @@ def nystrom_pcg(
     require_symmetric(A, caller)
     damping = _check_damping(damping, caller)
     as_rhs(b, A, caller)  # validate b before paying for the sketch
-    lam, U = nystrom(A, rank, method=method, generator=generator).eigh()
+    lam, U = nystrom(A, rank, method=method, shift=shift, generator=generator).eigh()
     lam_min = lam.min().item()
     if lam_min + damping <= 0:
         raise ValueError(

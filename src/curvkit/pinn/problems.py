@@ -236,9 +236,12 @@ def mlp(
     widths = [int(in_dim), *(int(h) for h in hidden), int(out_dim)]
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
-        layer = nn.Linear(fan_in, fan_out, dtype=dtype)
-        if generator is not None:
-            # Same distribution as nn.Linear.reset_parameters, drawn from the caller's generator.
+        if generator is None:
+            layer = nn.Linear(fan_in, fan_out, dtype=dtype)
+        else:
+            # Not initialised by nn.Linear (that would draw from the global RNG), but with the
+            # same distribution as nn.Linear.reset_parameters, from the caller's generator.
+            layer = nn.utils.skip_init(nn.Linear, fan_in, fan_out, dtype=dtype)
             bound = 1.0 / math.sqrt(fan_in)
             with torch.no_grad():
                 for p in (layer.weight, layer.bias):
@@ -358,12 +361,12 @@ def poisson(
         m = dim // 2
         c = math.sqrt(m / 9 + m * (m - 1) / 16)
         u = lambda X: (X[:, 0::2] * X[:, 1::2]).sum(dim=1) / c  # noqa: E731
-        f = lambda X: torch.zeros(X.shape[0], dtype=X.dtype)  # noqa: E731
+        f = lambda X: X.new_zeros(X.shape[0])  # noqa: E731
     else:
         # E[‖x‖⁴] = d/5 + d(d-1)/9 on the unit cube.
         c = math.sqrt(dim / 5 + dim * (dim - 1) / 9)
         u = lambda X: X.square().sum(dim=1) / c  # noqa: E731
-        f = lambda X: torch.full((X.shape[0],), -2.0 * dim / c, dtype=X.dtype)  # noqa: E731
+        f = lambda X: X.new_full((X.shape[0],), -2.0 * dim / c)  # noqa: E731
 
     def residual(X: Tensor, d: Derivatives) -> Tensor:
         return -d.laplacian - f(X)
@@ -576,7 +579,7 @@ def linear_pde(
     def residual(X: Tensor, d: Derivatives) -> Tensor:
         r = a * d.laplacian + c * d.value - source(X)
         if b is not None:
-            r = r + d.gradient @ b.to(X.dtype)
+            r = r + d.gradient @ b.to(X)  # X's dtype and device
         return r
 
     return Problem(

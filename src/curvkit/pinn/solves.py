@@ -9,6 +9,7 @@ Nyström-preconditioned CG with a few iterations.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Literal
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from curvkit.linalg import ConvergenceWarning, LinearOperator, nystrom, nystrom_pcg
+from curvkit.linalg.nystrom import _UnfactorableSketch
 
 __all__ = ["KernelSolver", "damped_cholesky_solve", "kernel_solve", "KernelOperator"]
 
@@ -123,7 +125,7 @@ def kernel_solve(
         rank: Sketch size ``l`` (required by the randomized solvers, ``1 <= l <= N``).
         kernel: A precomputed ``K`` ``(N, N)`` (used by every solver when given).
         pcg_iterations: CG iterations of ``"nystrom_pcg"``.
-        shift: The Nyström shift ``ν`` of ``"nystrom"`` and ``"nystrom_stable"``.
+        shift: The Nyström shift ``ν`` of the randomized solvers' sketches.
         generator: Source of the sketch.
         caller: Name used in messages.
 
@@ -131,8 +133,8 @@ def kernel_solve(
         ``u`` of shape ``(N,)``.
 
     Raises:
-        ValueError: For an unknown solver, a missing or out-of-range rank, or ``λ <= 0`` with a
-            randomized solver.
+        ValueError: For an unknown solver, a missing, non-int or out-of-range rank, ``λ <= 0``
+            with a randomized solver, or a sketch that the shift ``ν`` cannot make factorable.
     """
     if solver not in _SOLVERS:
         raise ValueError(f"{caller}: solver must be one of {_SOLVERS}; got {solver!r}.")
@@ -140,36 +142,56 @@ def kernel_solve(
     if solver == "cholesky":
         K = J.kernel() if kernel is None else kernel
         return damped_cholesky_solve(K, rhs, damping, caller=caller)
-    if rank is None or not 1 <= int(rank) <= N:
-        raise ValueError(f"{caller}: solver {solver!r} needs rank in [1, N={N}]; got {rank}.")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= N:
+        # (int(rank) truncated a float rank silently)
+        raise ValueError(
+            f"{caller}: solver {solver!r} needs rank in [1, N={N}], an int; got {rank!r}."
+        )
     if damping <= 0:
         raise ValueError(f"{caller}: solver {solver!r} needs damping > 0; got {damping}.")
     if kernel is None and hasattr(J, "cache_blocks"):
         J.cache_blocks()  # K is applied a few times: build J's layer blocks once
     K_op = KernelOperator(J) if kernel is None else _DenseSymmetric(kernel)
-    if solver == "nystrom_pcg":
-        # A few iterations by design, not to convergence: the truncation is the method.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            return nystrom_pcg(
-                K_op,
-                rhs,
-                rank=int(rank),
-                damping=damping,
-                method="fast",
-                rtol=1e-14,
-                max_iter=pcg_iterations,
-                generator=generator,
-                on_failure="warn",
-            )
-    if solver == "nystrom_stable":
-        approx = nystrom(K_op, int(rank), method="stable", shift=shift, generator=generator)
-        return approx.inverse(damping) @ rhs
-    B = nystrom(K_op, int(rank), method="fast", shift=shift, generator=generator).U
+    with _explained_sketch_failure(shift, caller):
+        if solver == "nystrom_pcg":
+            # A few iterations by design, not to convergence: the truncation is the method. The
+            # sketch takes the shift ν like the other solvers: nystrom_pcg's default (~√N·eps·
+            # ‖KΩ‖) cannot factor a sketch wider than the rank of K (rank > P).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                return nystrom_pcg(
+                    K_op,
+                    rhs,
+                    rank=rank,
+                    damping=damping,
+                    method="fast",
+                    shift=shift,
+                    rtol=1e-14,
+                    max_iter=pcg_iterations,
+                    generator=generator,
+                    on_failure="warn",
+                )
+        if solver == "nystrom_stable":
+            approx = nystrom(K_op, rank, method="stable", shift=shift, generator=generator)
+            return approx.inverse(damping) @ rhs
+        B = nystrom(K_op, rank, method="fast", shift=shift, generator=generator).U
     # (BBᵀ + λI)^{-1} g = (g - B (BᵀB + λI)^{-1} Bᵀ g) / λ   (Woodbury, an l × l Cholesky)
     small = B.T @ B
     inner = damped_cholesky_solve(small, B.T @ rhs, damping, caller=caller)
     return (rhs - B @ inner) / damping
+
+
+@contextlib.contextmanager
+def _explained_sketch_failure(shift: float, caller: str):
+    """Say why a Nyström sketch of ``K = JJᵀ`` failed: ``nystrom`` blames an indefinite ``A``."""
+    try:
+        yield
+    except _UnfactorableSketch as error:
+        raise ValueError(
+            f"{caller}: the Nyström sketch of the kernel K = JJᵀ cannot be factored with the "
+            f"shift ν = {shift}: K is PSD, so its scale is far above ν or it is not finite "
+            "(a diverging run?); lower the step size, or use solver='cholesky'."
+        ) from error
 
 
 class _DenseSymmetric(LinearOperator):

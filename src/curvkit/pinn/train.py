@@ -13,7 +13,7 @@ from torch import nn
 
 from curvkit.pinn.engd import ENGD, HessianFree
 from curvkit.pinn.history import History
-from curvkit.pinn.problems import Problem
+from curvkit.pinn.problems import Batch, Problem
 from curvkit.pinn.residuals import loss as pinn_loss
 from curvkit.pinn.woodbury import SPRING, ENGDWoodbury
 
@@ -84,7 +84,8 @@ def train(
         resume: Continue from a checkpoint written by an earlier call (same problem, method,
             options, sizes, seed, ``resample`` and model architecture, else ``ValueError``);
             the history continues where it stopped, as an uninterrupted run's would (a point
-            recorded only because the earlier run ended off the ``eval_every`` grid is dropped).
+            recorded only because the earlier run ended off the ``eval_every`` grid is dropped
+            once training goes on).
 
     Returns:
         The ``History`` (``loss``, ``l2_error``, ``time``, ``step``, ``step_size``).
@@ -145,6 +146,11 @@ def train(
             return fixed_batch
         return problem.sample(n_in, n_bd, generator=sampler, dtype=dtype)
 
+    def done() -> bool:
+        return (steps is not None and step >= steps) or (
+            time_budget is not None and elapsed >= time_budget
+        )
+
     if resume is not None:
         state = torch.load(resume, weights_only=False)
         # load_state_dict would keep the checkpoint's hyperparameters over ``options`` (or fail
@@ -164,12 +170,12 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         sampler.set_state(state["sampler"])
         if state["fixed_batch"] is not None:
-            fixed_batch = type(problem.sample(1, 1))(*state["fixed_batch"])
+            fixed_batch = Batch(*state["fixed_batch"])
         history = History.from_dict(state["history"])
         step, elapsed = history.step[-1], history.time[-1]
-        if step % eval_every and math.isfinite(history.loss[-1]):
+        if step % eval_every and math.isfinite(history.loss[-1]) and not done():
             # Recorded only because the earlier run stopped there: without it the history
-            # matches an uninterrupted run's.
+            # matches an uninterrupted run's. Kept if no step follows, as the model's last point.
             history.pop()
     else:
         history = History(meta=meta)
@@ -187,11 +193,6 @@ def train(
 
         total = steps if steps is not None else None
         bar = tqdm(total=total, initial=step, desc=f"{problem.name} {method}", unit="step")
-
-    def done() -> bool:
-        return (steps is not None and step >= steps) or (
-            time_budget is not None and elapsed >= time_budget
-        )
 
     while not done():
         start = time.perf_counter()
