@@ -152,3 +152,40 @@ def test_every_optimizer_resumes_bit_for_bit_through_torch_save(tmp_path):
         for batch in batches[2:]:
             assert opt_a.step(batch) == opt_b.step(batch), cls.__name__
         assert torch.equal(_flat(a), _flat(b)), (cls.__name__, options)
+
+
+def test_seeded_streams_are_reproducible_and_not_shared_by_neighbouring_seeds():
+    from curvkit.pinn.problems import seeded_stream
+
+    def draw(*key):
+        return torch.rand(8, generator=seeded_stream(*key))
+
+    assert torch.equal(draw(0, 2), draw(0, 2))
+    # seed + k gave seed 0's stream 2 to seed 1 as its stream 1 (its training points were the
+    # other run's held-out points; Nyström sketches repeated one step apart)
+    assert not torch.equal(draw(0, 2), draw(1, 1))
+    assert not torch.equal(draw(0, 5), draw(1, 4))
+    assert not torch.equal(draw(-1, 0), draw(0, 0))
+
+
+def test_linear_pde_refuses_fractional_laplacian_dims():
+    import numpy as np
+
+    from curvkit.pinn.problems import linear_pde
+
+    zero = lambda X: X.new_zeros(X.shape[0])  # noqa: E731
+    with pytest.raises(ValueError, match=r"laplacian_dims must be integers; got \[0.5, 1\]"):
+        linear_pde(zero, dim=3, source=zero, laplacian_dims=[0.5, 1])  # was read as (0, 1)
+    assert linear_pde(zero, dim=3, source=zero, laplacian_dims=np.array([0, 2])).laplacian_dims \
+        == (0, 2)
+
+
+def test_resume_into_a_model_of_another_dtype_is_refused(tmp_path):
+    problem = poisson(2, hidden=(6,))
+    ckpt = tmp_path / "run.pt"
+    opts = {"damping": 1e-6}
+    train(problem, method="engd_woodbury", steps=1, options=opts, checkpoint=ckpt, **SMALL)
+    model32 = problem.default_model(generator=torch.Generator().manual_seed(0)).float()
+    with pytest.raises(ValueError, match=r"dtype \(checkpoint 'float64', now 'float32'\)"):
+        train(problem, model32, method="engd_woodbury", steps=2, options=opts, resume=ckpt,
+              **SMALL)

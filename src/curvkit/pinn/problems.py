@@ -14,10 +14,12 @@ References:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -209,6 +211,18 @@ def _check_fits(model: object, X: Tensor, what: str, caller: str) -> None:
                 f"{caller}: the model's first Linear takes {first.in_features} inputs but the "
                 f"points have {X.shape[1]} coordinates."
             )
+
+
+def seeded_stream(seed: int, *keys: int, device=None) -> torch.Generator:
+    """A generator for one random stream of a seeded run, e.g. ``(seed, purpose, step)``.
+
+    Streams of different ``(seed, *keys)`` are independent (NumPy's ``SeedSequence`` mixes
+    them); ``seed + k`` would give seed ``s``'s ``k``-th stream to seed ``s + 1`` as its
+    ``(k - 1)``-th, so that runs of neighbouring seeds shared points or sketches.
+    """
+    entropy = [int(v) % (1 << 64) for v in (seed, *keys)]
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
 
 
 def mlp(
@@ -570,10 +584,17 @@ def linear_pde(
         raise ValueError(
             f"linear_pde: gradient coefficient must have shape ({dim},); got {tuple(b.shape)}."
         )
-    if laplacian_dims is not None and not all(0 <= i < dim for i in laplacian_dims):
-        raise ValueError(
-            f"linear_pde: laplacian_dims must lie in [0, {dim}); got {laplacian_dims}."
-        )
+    if laplacian_dims is not None:
+        try:  # integers of any kind (NumPy's too); int() would truncate 0.5 to 0
+            laplacian_dims = tuple(operator.index(i) for i in laplacian_dims)
+        except TypeError:
+            raise ValueError(
+                f"linear_pde: laplacian_dims must be integers; got {laplacian_dims!r}."
+            ) from None
+        if not all(0 <= i < dim for i in laplacian_dims):
+            raise ValueError(
+                f"linear_pde: laplacian_dims must lie in [0, {dim}); got {laplacian_dims}."
+            )
     a, c = float(laplacian), float(value)
 
     def residual(X: Tensor, d: Derivatives) -> Tensor:
@@ -590,7 +611,7 @@ def linear_pde(
         residual=residual,
         solution=solution,
         boundary_sampler=_box_boundary_sampler(lo, hi),
-        laplacian_dims=None if laplacian_dims is None else tuple(int(i) for i in laplacian_dims),
+        laplacian_dims=laplacian_dims,
         hidden=tuple(hidden),
         num_interior=num_interior,
         num_boundary=num_boundary,

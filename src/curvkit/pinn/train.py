@@ -13,7 +13,7 @@ from torch import nn
 
 from curvkit.pinn.engd import ENGD, HessianFree
 from curvkit.pinn.history import History
-from curvkit.pinn.problems import Batch, Problem
+from curvkit.pinn.problems import Batch, Problem, seeded_stream
 from curvkit.pinn.residuals import loss as pinn_loss
 from curvkit.pinn.woodbury import SPRING, ENGDWoodbury
 
@@ -82,7 +82,8 @@ def train(
         progress: Show a tqdm progress bar.
         checkpoint: Write ``{model, optimizer, sampler, history}`` here at the end (``torch.save``).
         resume: Continue from a checkpoint written by an earlier call (same problem, method,
-            options, sizes, seed, ``resample`` and model architecture, else ``ValueError``);
+            options, sizes, seed, ``resample``, dtype and model architecture, else
+            ``ValueError``);
             the history continues where it stopped, as an uninterrupted run's would (a point
             recorded only because the earlier run ended off the ``eval_every`` grid is dropped
             once training goes on).
@@ -123,10 +124,10 @@ def train(
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float64)
     n_in = problem.num_interior if num_interior is None else int(num_interior)
     n_bd = problem.num_boundary if num_boundary is None else int(num_boundary)
-    sampler = torch.Generator().manual_seed(seed + 1)
+    sampler = seeded_stream(seed, 1)
     X_eval = problem.sample_interior(
         10 * n_in if num_eval is None else int(num_eval),
-        generator=torch.Generator().manual_seed(seed + 2),
+        generator=seeded_stream(seed, 2),
         dtype=dtype,
     )
     optimizer = _make_optimizer(method, model, problem, options)
@@ -139,6 +140,7 @@ def train(
         "num_boundary": n_bd,
         "seed": seed,
         "resample": resample,
+        "dtype": str(dtype).removeprefix("torch."),  # else resuming would cast silently
     }
 
     def next_batch():
@@ -181,7 +183,7 @@ def train(
         history = History(meta=meta)
         with torch.no_grad():
             first = problem.sample(
-                n_in, n_bd, generator=torch.Generator().manual_seed(seed + 3), dtype=dtype
+                n_in, n_bd, generator=seeded_stream(seed, 3), dtype=dtype
             )
             initial = float(pinn_loss(model, problem, first))
         history.append(step=0, time=0.0, loss=initial, l2_error=problem.l2_error(model, X_eval))

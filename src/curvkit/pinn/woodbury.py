@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.pinn.engd import NaturalGradientBase, _check_nonneg
-from curvkit.pinn.problems import Problem
+from curvkit.pinn.problems import Problem, seeded_stream
 from curvkit.pinn.solves import _SOLVERS, KernelSolver, kernel_solve
 
 __all__ = ["ENGDWoodbury", "SPRING"]
@@ -43,7 +43,7 @@ def _check_solver(solver, rank, damping, pcg_iterations, seed, caller: str) -> N
 
 
 class _KernelMixin:
-    """Kernel solves; the randomized ones draw a fresh sketch every step from ``seed + step``.
+    """Kernel solves; the randomized ones draw a fresh sketch every step from ``(seed, step)``.
 
     Deriving the sketch seed from the step count (instead of storing a generator state) keeps
     ``state_dict()`` to numbers and tensors, and resumed runs draw the same sketches.
@@ -53,7 +53,7 @@ class _KernelMixin:
         generator = None
         if group["solver"] != "cholesky":
             step = self.state[params[0]].get("step", 0)
-            generator = torch.Generator(device=rhs.device).manual_seed(group["seed"] + step)
+            generator = seeded_stream(group["seed"], step, device=rhs.device)
         return kernel_solve(
             lin,
             rhs,
