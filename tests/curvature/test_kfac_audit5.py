@@ -215,3 +215,29 @@ def test_singular_kronecker_block_named_like_the_others_at_zero_damping():
     with pytest.raises(ValueError, match=r"KFAC.logdet: block '0' is singular"):
         K.logdet()
     assert torch.isfinite(K.logdet(1e-3))
+
+
+def test_ekfac_type2_over_positions_warns_that_it_sums_products_between_positions():
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)  # per position: KFAC is exact here, EKFAC's type-2 vectors are not
+    seq = [(torch.randn(4, 5, 3), torch.randn(4, 5, 2))]
+    with pytest.warns(UserWarning, match=r"over all 5 positions .* fisher='mc' is unbiased"):
+        EKFAC(model, nn.MSELoss(), seq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EKFAC(model, nn.MSELoss(), [(torch.randn(4, 3), torch.randn(4, 2))])  # one position
+        EKFAC(model, nn.MSELoss(), seq, fisher="mc")
+        KFAC(model, nn.MSELoss(), seq)
+    tokens = [(torch.randn(4, 5, 3), torch.randint(0, 2, (4, 5)))]
+    lm = nn.Sequential(nn.Linear(3, 2), Transpose())
+    with pytest.warns(UserWarning, match="over all 5 positions"):
+        EKFAC(lm, nn.CrossEntropyLoss(), tokens)
+
+
+class Transpose(nn.Module):
+    """``(N, S, C) -> (N, C, S)``: logits with the class dimension second, as the loss wants."""
+
+    def forward(self, x):
+        return x.transpose(1, 2)

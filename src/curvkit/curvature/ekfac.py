@@ -19,6 +19,8 @@ References:
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Literal
 
 import torch
@@ -82,8 +84,22 @@ class EKFAC(KFAC):
         fp.shared_paths = self._shared_paths  # found by the factor pass: no second search
         gen = self._generator()  # the same labels as the factor pass
 
+        warned = False
+
         def per_batch(batch):
+            nonlocal warned
             out = fp.forward(batch)
+            if self.fisher == "type2" and not warned and (T := self._positions(out)) > 1:
+                warned = True
+                warnings.warn(
+                    f"EKFAC: fisher='type2' backpropagates each output column over all {T} "
+                    "positions of an example at once, so the corrected eigenvalues also sum "
+                    "products between positions, which the GGN does not have (the KFAC factors "
+                    "do not either for layers applied per position); fisher='mc' is unbiased "
+                    "here.",
+                    UserWarning,
+                    stacklevel=4,
+                )
             plans = [p for p in fp.layers if p.is_kron]
             if [p.path for p in plans] != [s.path for s in kron]:
                 raise RuntimeError("EKFAC: the layers called differ between passes.")
@@ -107,6 +123,12 @@ class EKFAC(KFAC):
             if spec.bias is not None and not spec.joint:
                 f["Eb"] = next(totals)
         self._build()
+
+    def _positions(self, out: Tensor) -> int:
+        """Positions per example that share one type-2 vector (see ``backprop_vectors``)."""
+        if self.loss.class_dim is not None:
+            return self.loss.to_terms(out).shape[1]
+        return math.prod(out.shape[1:-1])
 
     @staticmethod
     def _second_moments(plan, a: Tensor, g: Tensor, QA: Tensor, QG: Tensor) -> list[Tensor]:
