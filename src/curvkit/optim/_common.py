@@ -119,7 +119,8 @@ def gradients_finite(params: Iterable[Tensor]) -> bool:
     ``nan``), so it is finite exactly when every entry is; this reads each gradient once instead
     of the four passes of ``isfinite(g).all()``.
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    # a zero-size gradient is trivially finite (and its inf-norm has no identity to return)
+    grads = [p.grad for p in params if p.grad is not None and p.grad.numel() > 0]
     if not grads:
         return True
     peaks = torch._foreach_norm(grads, ord=float("inf"))
@@ -211,13 +212,19 @@ def run_step(optimizer: torch.optim.Optimizer, name: str,
     Checks all gradients first (so a raise leaves parameters and state untouched), splits the
     parameters round-robin between ranks under ``torch.distributed`` (rank ``i % world_size``
     owns parameter ``i`` and keeps its state), calls ``update(p, group, index)`` for the owned
-    parameters with a gradient, counts skipped steps, and all-gathers the new values.
+    parameters with a gradient (zero-size parameters have nothing to update and are passed
+    over), counts skipped steps, and all-gathers the new values.
 
     Raises:
         NonFiniteGradientError: If a group with ``nonfinite="raise"`` has a nan/inf gradient.
         TypeError: For a sparse gradient.
     """
     rank, size = world()
+    for group in optimizer.param_groups:  # before any update: nothing is half-written
+        for p in group["params"]:
+            if p.grad is not None and p.grad.is_sparse:
+                raise TypeError(f"{name}.step: sparse gradients are not supported; got a "
+                                f"sparse gradient for a parameter of shape {tuple(p.shape)}.")
     finite = [gradients_finite(g["params"]) for g in optimizer.param_groups]
     for group, ok in zip(optimizer.param_groups, finite):
         if not ok and group["nonfinite"] == "raise":
@@ -230,9 +237,7 @@ def run_step(optimizer: torch.optim.Optimizer, name: str,
             owner = index % size
             params.append(p)
             owners.append(owner)
-            if p.grad is not None and owner == rank:
-                if p.grad.is_sparse:
-                    raise TypeError(f"{name}.step: sparse gradients are not supported.")
+            if p.grad is not None and owner == rank and p.numel() > 0:
                 if ok:
                     update(p, group, index)
                 else:
@@ -301,13 +306,64 @@ class CurvkitOptimizer(torch.optim.Optimizer):
     def _update_param(self, p: Tensor, group: dict, index: int) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement _update_param.")
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a param group (as ``torch.optim``), checking its parameters like the constructor.
+
+        Raises:
+            TypeError: For a parameter that is not a real floating tensor.
+        """
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for p in group["params"]:
+                if p.is_complex() or not p.is_floating_point():
+                    raise TypeError(f"{self._name}: parameters must be real floating tensors; "
+                                    f"got dtype {p.dtype}.")
+                self._check_param(p, group)
+        except Exception:
+            self.param_groups.pop()  # a refused group is not half-added
+            raise
+
+    def _check_param(self, p: Tensor, group: dict) -> None:
+        """Optimizer-specific check of one parameter of a new group (raise on misfit)."""
+
+    def _moment_shapes(self, p: Tensor, group: dict) -> list[tuple[int, ...]]:
+        """Shapes of the ``exp_avg`` state of ``p`` (one per block), to validate loaded state."""
+        return [tuple(p.shape)]
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict, keeping the saved state dtypes (e.g. bfloat16) bit-for-bit.
 
         Args:
             state_dict: As returned by :meth:`state_dict`.
+
+        Raises:
+            ValueError: If the saved state does not fit the parameters (another order or
+                shape); nothing is loaded then.
         """
-        super().load_state_dict(state_dict)
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) == len(self.param_groups) and all(
+                len(s["params"]) == len(g["params"])
+                for s, g in zip(saved_groups, self.param_groups)):
+            for position, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+                options = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+                for index, p in zip(saved["params"], group["params"]):
+                    state = state_dict["state"].get(index)
+                    if not state:
+                        continue
+                    blocks = state.get("blocks", [state])
+                    if not all(isinstance(b.get("exp_avg"), Tensor) for b in blocks):
+                        continue
+                    found = [tuple(b["exp_avg"].shape) for b in blocks]
+                    expected = self._moment_shapes(p, options)
+                    if found != expected:
+                        raise ValueError(
+                            f"{self._name}.load_state_dict: the saved state of parameter "
+                            f"{index} (group {position}) has moment shapes {found}, but the "
+                            f"parameter in that position has shape {tuple(p.shape)} (moment "
+                            f"shapes {expected}); were the parameters created in another "
+                            "order or with other shapes?")
+        super().load_state_dict(state_dict)  # also checks the group and parameter counts
         restore_state(self, state_dict)
 
     @torch.no_grad()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -136,16 +135,11 @@ class KroneckerOptimizer(CurvkitOptimizer):
                     subspace_rank=subspace_rank, state_dtype=state_dtype, nonfinite=nonfinite,
                     orthogonality_tolerance=orthogonality_tolerance, seed=seed)
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any]):
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.is_complex() or not p.is_floating_point():
-                    raise TypeError(f"{self._name}: parameters must be real floating tensors; "
-                                    f"got dtype {p.dtype}.")
-
     # ------------------------------------------------------------------ torch.optim API
-
+    def _moment_shapes(self, p: Tensor, group: dict[str, Any]) -> list[tuple[int, ...]]:
+        plan = self._layout(p, group)
+        return [tuple(len(range(*s.indices(d))) for s, d in zip(slices, plan.shape))
+                for slices in plan.blocks]
 
     # ------------------------------------------------------------------ per parameter
     def _layout(self, p: Tensor, group: dict[str, Any]) -> Layout:
@@ -233,6 +227,11 @@ class KroneckerOptimizer(CurvkitOptimizer):
                 evals, O = _basis.eigh_descending(P[k], caller=f"{self._name}.step")
                 Qk, Pk = Q[k] @ O, torch.diag(evals)  # Oᵀ P O up to round-off
                 change = _basis.BasisChange(coord_map=O.T)
+                if ctx.step > 0 and f"lam{k}" in block:
+                    # eigenvalue estimates gathered in the old basis (steps before a later
+                    # start_preconditioning_step) follow it: diag(Oᵀ diag(λ) O), not column i
+                    lam = ctx.load(block, f"lam{k}")
+                    block[f"lam{k}"] = store(O.square().T @ lam, ctx.sd, None)
             else:
                 d = P[k].shape[0]
                 rank = group["subspace_rank"] or max(64, math.ceil(d / 4))

@@ -183,13 +183,12 @@ class Muon(CurvkitOptimizer):
                         adamw_weight_decay=adamw_weight_decay, use_muon=use_muon,
                         state_dtype=state_dtype, nonfinite=nonfinite, seed=seed)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if group["use_muon"] and p.dim() < 2:
-                    raise ValueError(f"{name}: use_muon=True needs parameters with >= 2 "
-                                     f"dimensions; got shape {tuple(p.shape)}.")
 
-
+    def _check_param(self, p: Tensor, group: dict[str, Any]) -> None:
+        # every group, including those added later by add_param_group
+        if group["use_muon"] and p.dim() < 2:
+            raise ValueError(f"{self._name}: use_muon=True needs parameters with >= 2 "
+                             f"dimensions; got shape {tuple(p.shape)}.")
 
     def _update_param(self, p: Tensor, group: dict[str, Any], index: int) -> None:
         wd = working_dtype(p)

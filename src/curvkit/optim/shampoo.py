@@ -26,7 +26,8 @@ def shampoo_direction(M_rot: Tensor, eigenvalues: dict[int, Tensor], *, exponent
         M_rot: Momentum in rotated coordinates ``M̃``, any order ``n``.
         eigenvalues: ``{axis: λ_k (d_k,)}`` for the preconditioned axes (non-negative).
         exponent: The per-side exponent ``e`` (``1/4`` for matrices by default).
-        eps: ``ε`` added to every eigenvalue.
+        eps: ``ε`` added to every eigenvalue; an eigenvalue that is still 0 (``ε = 0``) is left
+            out (pseudo-inverse).
 
     Returns:
         Tensor shaped like ``M_rot``.
@@ -35,7 +36,11 @@ def shampoo_direction(M_rot: Tensor, eigenvalues: dict[int, Tensor], *, exponent
     for axis, lam in eigenvalues.items():
         shape = [1] * M_rot.dim()
         shape[axis] = -1
-        out = out * (lam + eps).pow(-exponent).reshape(shape)
+        shifted = lam + eps
+        # a zero eigenvalue (eps = 0, rank-deficient factor) is dropped, as a pseudo-inverse
+        # does, instead of turning the round-off in its direction into inf or nan
+        root = torch.where(shifted > 0, shifted.pow(-exponent), torch.zeros_like(shifted))
+        out = out * root.reshape(shape)
     return out
 
 

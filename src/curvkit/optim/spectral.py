@@ -337,7 +337,8 @@ class SpectralShampoo(KroneckerOptimizer):
             closure: Optional callable that re-evaluates the model and returns the loss.
             targets: Optional ``{param: (C_a, C_b)}`` of PSD curvature factors
                 (``(d_a, d_a)``, ``(d_b, d_b)``) that replace the gradient statistics of a
-                2-d, unblocked parameter for this step (e.g. KFAC's input/output factors).
+                2-d, unblocked parameter without size-1 axes for this step (e.g. KFAC's
+                input/output factors).
 
         Returns:
             The closure's loss, or ``None``.
@@ -349,10 +350,12 @@ class SpectralShampoo(KroneckerOptimizer):
         for p, pair in (targets or {}).items():
             shapes = tuple(tuple(t.shape) for t in pair)
             rows, cols = (p.shape[0], p.shape[1]) if p.dim() == 2 else (None, None)
-            if p.dim() != 2 or shapes != ((rows, rows), (cols, cols)) or \
+            # a size-1 axis is dropped (the parameter gets Adam): its targets would be ignored
+            if p.dim() != 2 or shapes != ((rows, rows), (cols, cols)) or 1 in p.shape or \
                     max(p.shape) > self._group_of(p)["max_preconditioner_dim"]:
-                raise ValueError(f"{self._name}.step: targets need a 2-d unblocked parameter and "
-                                 f"factors of shapes ((m, m), (n, n)); got parameter "
+                raise ValueError(f"{self._name}.step: targets need a 2-d unblocked parameter "
+                                 f"without size-1 axes and factors of shapes ((m, m), (n, n)); "
+                                 f"got parameter "
                                  f"{tuple(p.shape)} and factors {shapes}.")
             self._targets[id(p)] = pair
         try:
@@ -407,8 +410,12 @@ class SpectralShampoo(KroneckerOptimizer):
         options = dict(beta=group["beta"], kappa=group["kappa"],
                        max_log_step=group["max_log_step"], max_rotation=group["max_rotation"],
                        retraction=group["retraction"])
-        if f"d{ctx.axes[0]}" not in block:
-            self._initialise(G, block, ctx, kl)
+        if f"d{ctx.axes[0]}" not in block and not self._initialise(G, block, ctx, kl):
+            # an all-zero first statistic has no spectrum to start from (its floor would be
+            # ~tiny and blow the first real steps up): wait for a nonzero one
+            M = ctx.load(block, "exp_avg").lerp(G, 1 - group["betas"][0])
+            ctx.save(block, "exp_avg", M)
+            return torch.zeros_like(G)
         B = {k: self._basis(block, k, ctx) for k in ctx.axes}
         d = {k: self._exact(block, f"d{k}", ctx) for k in ctx.axes}
         # Targets in the current bases, averaged over `update_frequency` steps (the bases do
@@ -471,11 +478,17 @@ class SpectralShampoo(KroneckerOptimizer):
             M_rot = torch.tensordot(B[k], M_rot, dims=([1], [k])).movedim(0, k)
         return M_rot
 
-    def _initialise(self, G: Tensor, block: dict, ctx: _Context, kl: bool) -> None:
-        """One ``eigh`` of the first statistics (``B`` cannot leave a degenerate ``d``)."""
+    def _initialise(self, G: Tensor, block: dict, ctx: _Context, kl: bool) -> bool:
+        """One ``eigh`` of the first statistics (``B`` cannot leave a degenerate ``d``).
+
+        Returns:
+            ``False`` (and nothing initialised) if a statistic is all zero.
+        """
         eps = ctx.group["init_eps"]
         exact = torch.float64 if ctx.wd == torch.float64 else torch.float32
         stats = self._statistics(G, ctx)
+        if not all(bool(stats[k].any()) for k in ctx.axes):
+            return False
         for k in ctx.axes:
             n_other = G.numel() // G.shape[k]
             Bk, dk = spectral_init(stats[k] / (n_other if kl else 1), eps=eps)
@@ -490,3 +503,4 @@ class SpectralShampoo(KroneckerOptimizer):
             whitened = (G_rot.square() / torch.outer(da, db)).sum() / G.numel()
             tiny = torch.finfo(exact).tiny
             block["log_c"] = whitened.clamp_min(tiny).log().to(exact)
+        return True

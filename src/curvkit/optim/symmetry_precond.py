@@ -28,6 +28,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -70,7 +71,7 @@ def _working_shape(shape: torch.Size) -> tuple[int, ...]:
     """Scalars and vectors stay; higher orders are viewed as ``(shape[0], rest)``."""
     if len(shape) <= 1:
         return (max(1, shape.numel()),)
-    return (shape[0], shape.numel() // shape[0])
+    return (shape[0], math.prod(shape[1:]))  # not numel // shape[0]: shape[0] may be 0
 
 
 def symo_direction(M: Tensor, factors: SymmetryAveraged, *, damping: float) -> Tensor:
@@ -90,6 +91,8 @@ def symo_direction(M: Tensor, factors: SymmetryAveraged, *, damping: float) -> T
 
 def _inverse_root(S: SymmetryAveraged, damping: float) -> SymmetryAveraged:
     def fn(s: Tensor) -> Tensor:
+        if not s.max() > 0:  # an all-zero statistic has no scale to damp against: no step
+            return torch.zeros_like(s)
         # round-off can leave tiny negative eigenvalues of a PSD average: damping dominates them
         shift = damping * s.max().clamp_min(torch.finfo(s.dtype).tiny)
         return (s.clamp_min(0) + shift).rsqrt()
@@ -146,9 +149,13 @@ class Symo(CurvkitOptimizer):
                         weight_decay=weight_decay, state_dtype=state_dtype, nonfinite=nonfinite,
                         seed=seed)
         super().__init__(params, defaults)
-        for group in self.param_groups:  # fail at construction, not inside a step
-            for p in group["params"]:
-                self._groups_for(p, group)
+
+    def _check_param(self, p: Tensor, group: dict[str, Any]) -> None:
+        # fail at construction (or add_param_group), not inside a step
+        self._groups_for(p, group)
+
+    def _moment_shapes(self, p: Tensor, group: dict[str, Any]) -> list[tuple[int, ...]]:
+        return [_working_shape(p.shape)]
 
     def _groups_for(self, p: Tensor, group: dict[str, Any]) -> tuple[str, ...]:
         shape = _working_shape(p.shape)
@@ -191,7 +198,9 @@ class Symo(CurvkitOptimizer):
         sample = SymmetryAveraged.from_samples(M_hat[None], groups=names).factors
         F = state["factors"].to(wd) * beta2 + (1 - beta2) * sample
         state["exp_avg"], state["factors"] = store(M, sd, gen), store(F, sd, gen)
-        if (t - 1) % group["precondition_frequency"] == 0:
+        # a zero root (from an all-zero statistic, e.g. a zero first gradient) is replaced as
+        # soon as there is curvature, not only at the next scheduled refresh
+        if (t - 1) % group["precondition_frequency"] == 0 or not state["root"].any():
             S = SymmetryAveraged(shape, names, F / (1 - beta2**t))
             state["root"] = store(_inverse_root(S, group["damping"]).factors, sd, None)
         root = SymmetryAveraged(shape, names, state["root"].to(wd))
