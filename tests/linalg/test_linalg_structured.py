@@ -173,7 +173,7 @@ def test_kronecker_errors():
     with pytest.raises(ValueError, match="needs a symmetric operator"):
         Kronecker(randn(2, 2, g=g), randn(2, 2, g=g), symmetric=False).eigh()
     with pytest.raises(ValueError, match="non-positive determinant"):
-        Kronecker(-eye(3), eye(2)).logdet()
+        Kronecker(-eye(3), eye(3)).logdet()  # det = (-1)^3
 
 
 # --------------------------------------------------------------------------- BlockDiagonal

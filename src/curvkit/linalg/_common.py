@@ -71,6 +71,9 @@ def as_rhs(
         B, unflatten = _as_block(b, A, transpose=True)
     except (TypeError, ValueError) as err:
         raise type(err)(f"{caller}: right-hand side: {err}") from None
+    if not bool(torch.isfinite(B).all()):
+        # a NaN norm compares False with every tolerance: the solvers would report convergence
+        raise ValueError(f"{caller}: right-hand side has non-finite entries (NaN or inf).")
     is_vector = isinstance(b, Tensor) and b.ndim == 1
     return B, unflatten, is_vector
 

@@ -147,7 +147,9 @@ def lsmr(
         zetabar = -sbar * zetabar
         # Update h, hbar and x (frozen columns keep their x).
         hbar = h - (thetabar * rho / nz(rhoold * rhobarold)) * hbar
-        X = X + torch.where(active, zeta / nz(rho * rhobar), 0.0) * hbar
+        # Select rather than multiply by zero: the recurrences of finished columns run on and
+        # may overflow, and inf · 0 would turn their solution into NaN.
+        X = X + torch.where(active, (zeta / nz(rho * rhobar)) * hbar, 0.0)
         h = v - (thetanew / nz(rho)) * h
 
         # Estimate ‖r‖ (Fong & Saunders, Sec. 5.2).
@@ -163,11 +165,11 @@ def lsmr(
         tautildeold = (zetaold - thetatildeold * tautildeold) / nz(rhotildeold)
         taud = (zeta - thetatilde * tautildeold) / nz(rhodold)
         d = d + betacheck**2
-        normr = torch.sqrt(d + (betad - taud) ** 2 + betadd**2)
+        normr = torch.where(active, torch.sqrt(d + (betad - taud) ** 2 + betadd**2), normr)
         norm_a2 = norm_a2 + beta**2
         norm_a = torch.sqrt(norm_a2)
         norm_a2 = norm_a2 + alpha**2
-        normar = zetabar.abs()
+        normar = torch.where(active, zetabar.abs(), normar)
         normx = X.norm(dim=0)
 
         test1 = normr / nz(normb)

@@ -315,10 +315,12 @@ def minres(
         cs = gbar / gamma
         sn = beta / gamma
         phi = cs * phibar
-        phibar = sn * phibar
+        phibar = torch.where(active, sn * phibar, phibar)  # converged columns keep their residual
         w1, w2 = w2, w
         w = (v - oldeps * w1 - delta * w2) / gamma
-        X = X + torch.where(active, phi, 0.0) * w
+        # The recurrences of finished columns run on unchecked and may overflow; select (rather
+        # than multiply by zero) so that an inf or NaN there never reaches their solution.
+        X = X + torch.where(active, phi * w, 0.0)
         # A zero beta means the Krylov space is exhausted: the solve is exact for that column.
         newly_done = (phibar <= thresh) | (beta <= eps * gamma)
         active = active & ~newly_done

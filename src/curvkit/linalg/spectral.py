@@ -132,6 +132,8 @@ def lanczos(
         raise TypeError(
             f"lanczos: v0 must have dtype {A.dtype} on {A.device}; got {v0.dtype} on {v0.device}."
         )
+    if not bool(torch.isfinite(v0).all()):
+        raise ValueError("lanczos: v0 has non-finite entries (NaN or inf).")
     if not bool(v0.norm() > 0):
         raise ValueError("lanczos: v0 is zero.")
     alpha, beta, basis, steps = _lanczos_batch(A, v0.unsqueeze(1), k, reorthogonalize, True)
@@ -301,6 +303,8 @@ def power_iteration(
     caller = "power_iteration"
     n = require_symmetric(A, caller)
     max_iter = positive_int(max_iter, "max_iter", caller)
+    if on_failure not in ("raise", "warn"):
+        raise ValueError(f"{caller}: on_failure must be 'raise' or 'warn'; got {on_failure!r}.")
     if v0 is None:
         v0 = probes(
             n,
@@ -416,6 +420,12 @@ def spectral_density(
         top = theta.max().item()
         eps = 1e-8 * abs(top) if epsilon is None else float(epsilon)
         if not (math.isfinite(eps) and eps > 0):
+            if epsilon is None:  # the default 1e-8 · max θ is not positive
+                raise ValueError(
+                    "spectral_density: scale='log' needs a positive spectrum, but the largest "
+                    f"Ritz value is {top:.3e}, so the default epsilon (1e-8 · max θ) is not "
+                    "positive; pass epsilon > 0 or use scale='linear'."
+                )
             raise ValueError(
                 f"spectral_density: epsilon must be a finite number > 0; got {epsilon}."
             )

@@ -365,12 +365,17 @@ class Kronecker(LinearOperator):
     def logdet(self):  # logdet(A ⊗ B) = n_B logdet A + n_A logdet B
         sizes = self._sizes("logdet")
         n = math.prod(sizes)
-        total = 0.0
+        total, negative = 0.0, False
         for f, s in zip(self.factors, sizes):
             sign, logabs = torch.linalg.slogdet(f)
-            if sign <= 0:
-                raise ValueError("Kronecker.logdet: a factor has non-positive determinant.")
+            if sign == 0:
+                raise ValueError("Kronecker.logdet: a factor has non-positive determinant (zero).")
+            # det(⊗ A_i) = Π det(A_i)^(n / n_i): a negative factor counts only to an odd power
+            negative ^= bool(sign < 0) and (n // s) % 2 == 1
             total = total + (n // s) * logabs
+        if negative:
+            raise ValueError("Kronecker.logdet: non-positive determinant (a factor with negative "
+                             "determinant enters to an odd power).")
         return total
 
     def eigh(self):
@@ -453,10 +458,20 @@ class BlockDiagonal(LinearOperator):
     def _map(self, fn) -> BlockDiagonal:
         return BlockDiagonal([fn(b) for b in self.blocks], in_shapes=self.in_shapes)
 
+    def _require_square_blocks(self, method: str) -> None:
+        # with a non-square block the blocks' diagonals are not on the matrix's diagonal
+        if any(b.shape[0] != b.shape[1] for b in self.blocks):
+            raise ValueError(
+                f"BlockDiagonal.{method}: needs square blocks; got "
+                f"{[b.shape for b in self.blocks]}."
+            )
+
     def trace(self):
+        self._require_square_blocks("trace")
         return sum(b.trace() for b in self.blocks)
 
     def diagonal(self):
+        self._require_square_blocks("diagonal")
         return torch.cat([b.diagonal() for b in self.blocks])
 
     def logdet(self):

@@ -335,6 +335,8 @@ def _to_copy(ctx, x, **kwargs):
 
 @_register(aten.sum.dim_IntList)
 def _sum(ctx, x, dims=None, keepdim=False, *, dtype=None):
+    if _rank(x) == 0:  # a 0-d tensor is its own sum; an empty dim list must not reach the rows
+        return _to_copy(ctx, x, dtype=dtype) if dtype is not None else x
     return Jet(x.data.sum(_dims(dims, _rank(x)), keepdim=keepdim, dtype=dtype))
 
 
@@ -345,6 +347,8 @@ def _sum_all(ctx, x, *, dtype=None):
 
 @_register(aten.mean.dim)
 def _mean(ctx, x, dims=None, keepdim=False, *, dtype=None):
+    if _rank(x) == 0:
+        return _to_copy(ctx, x, dtype=dtype) if dtype is not None else x
     return Jet(x.data.mean(_dims(dims, _rank(x)), keepdim=keepdim, dtype=dtype))
 
 

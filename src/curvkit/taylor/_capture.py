@@ -16,12 +16,36 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from curvkit.taylor._aten_rules import PRIMAL_ONLY, RULES
 from curvkit.taylor._propagation import Context, Jet
 
 RULES[operator.getitem] = lambda ctx, seq, index: seq[index]
+
+
+# make_fx records ``x.detach()`` as ``aten.alias``, which is indistinguishable from a genuine
+# alias (``x[...]``), so the jet would flow through a stop-gradient. While tracing, ``detach`` is
+# rerouted to this op instead; its rule keeps the value and drops every derivative.
+@torch.library.custom_op("curvkit::stop_gradient", mutates_args=())
+def _stop_gradient(x: Tensor) -> Tensor:
+    return x.detach().clone()
+
+
+@_stop_gradient.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+RULES[torch.ops.curvkit.stop_gradient.default] = lambda ctx, x: ctx.constant(x.primal.detach())
+
+
+class _RecordDetach(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (Tensor.detach, torch.detach) and not kwargs:
+            return _stop_gradient(*args)
+        return func(*args, **(kwargs or {}))
 
 
 class _Program:
@@ -137,8 +161,9 @@ class CapturedFunction:
             if isinstance(self.f, nn.Module):
                 saved = [(m, dict(m._parameters), dict(m._buffers)) for m in self.f.modules()]
             try:
-                with torch.no_grad():
-                    gm = make_fx(traced)(detached, x.detach())
+                x_detached = x.detach()
+                with torch.no_grad(), _RecordDetach():
+                    gm = make_fx(traced)(detached, x_detached)
             finally:
                 for m, parameters, buffers in saved:
                     m._parameters.update(parameters)

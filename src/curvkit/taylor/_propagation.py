@@ -196,6 +196,8 @@ def elementwise(ctx: Context, x: Jet, derivatives: Callable[[Tensor, int], Deriv
                 new_top = new_top + d[1] * top[0]
         else:
             new_top = coefficient(lay.order, False)
+            if new_top.dim() == 0:  # identically zero (e.g. x ** 0): one row per direction
+                new_top = new_top.expand_as(top)
     new_tangents = None
     if lay.num_tangents:
         new_tangents = zero * tangents if d[1] is None else d[1] * tangents

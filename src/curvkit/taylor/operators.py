@@ -122,8 +122,11 @@ class DifferentialOperator:
         rows.append(X.new_zeros((layout.size - 1 - layout.num_tangents - R, N, D)))
         ctx = Context(layout, plan.weights)
         out = self.captured.run(ctx, X, torch.cat(rows))
+        if not isinstance(out, (Jet, Tensor)):
+            raise ValueError(f"{self.caller}: f must return one tensor of shape (N,) or (N, C); "
+                             f"got {type(out).__name__}.")
         if not isinstance(out, Jet):  # f does not depend on X: all derivatives vanish
-            out = ctx.constant(torch.as_tensor(out))
+            out = ctx.constant(out)
         if out.data.dim() < 2 or out.data.shape[1] != N:
             raise ValueError(f"{self.caller}: f must map (N, D) = {(N, D)} to (N,) or (N, C); "
                              f"got output shape {tuple(out.shape)}.")
@@ -274,8 +277,10 @@ def weighted_laplacian(f: nn.Module | Callable[[Tensor], Tensor],
     def sigma_of(X):
         N, D = X.shape
         s = sigma(X) if callable(sigma) and not isinstance(sigma, Tensor) else sigma
+        if not isinstance(s, Tensor):
+            raise TypeError(f"{caller}: sigma(X) must return a tensor; got {type(s)}.")
         expected = "(N, D, R)" if s.dim() == 3 else "(D, R)"
-        if s.shape[-2] != D or (s.dim() == 3 and s.shape[0] != N) or s.dim() not in (2, 3):
+        if s.dim() not in (2, 3) or s.shape[-2] != D or (s.dim() == 3 and s.shape[0] != N):
             raise ValueError(f"{caller}: sigma must have shape {expected} with N={N}, D={D}; "
                              f"got {tuple(s.shape)}.")
         if signs is not None and signs.shape[0] != s.shape[-1]:
@@ -298,6 +303,8 @@ def weighted_laplacian(f: nn.Module | Callable[[Tensor], Tensor],
             v = _sample(distribution, (S, X.shape[0], columns.shape[-1]), generator, X)
             directions.append(torch.einsum("ndr,snr->snd", columns, v))
             group_weights.append(torch.full((S,), sign, dtype=X.dtype, device=X.device))
+        if not directions:  # sigma has no columns (e.g. split_indefinite of zero): Δ_σ f = 0
+            return _Plan(s.permute(2, 0, 1), weights, 1.0, gradient)
         weights = None if signs is None else torch.cat(group_weights)
         return _Plan(torch.cat(directions), weights, 1.0 / S, gradient)
 

@@ -67,7 +67,13 @@ def _size_along(value, axis: int, rank: int) -> int:
     return 1 if axis < offset else shape[axis - offset]
 
 
-def _sum(graph, x, axis):
+def _sum(graph, x, axis, rank=None):
+    """``sum(x, [axis])``; with ``rank``, ``axis`` indexes a rank-``rank`` broadcast result.
+
+    It is then mapped onto ``x``'s own (possibly fewer, leading-broadcast) dimensions.
+    """
+    if rank is not None:
+        axis -= rank - len(_shape(x))
     return graph.call_function(aten.sum.dim_IntList, (x, [axis]))
 
 
@@ -99,10 +105,10 @@ def _pull_sum(graph, node: Node) -> bool:
                 return False
             if varying == [True, False]:
                 replacement = graph.call_function(
-                    target, (_sum(graph, a, axis), _squeeze_axis(graph, b, axis, rank)))
+                    target, (_sum(graph, a, axis, rank), _squeeze_axis(graph, b, axis, rank)))
             elif varying == [False, True]:
                 replacement = graph.call_function(
-                    target, (_squeeze_axis(graph, a, axis, rank), _sum(graph, b, axis)))
+                    target, (_squeeze_axis(graph, a, axis, rank), _sum(graph, b, axis, rank)))
         elif target in (aten.add.Tensor, aten.sub.Tensor) and not y.kwargs:
             parts = []
             for v in y.args[:2]:
@@ -111,7 +117,7 @@ def _pull_sum(graph, node: Node) -> bool:
                     parts.append(graph.call_function(
                         aten.mul.Tensor, (_squeeze_axis(graph, v, axis, rank), size)))
                 else:
-                    parts.append(_sum(graph, v, axis))
+                    parts.append(_sum(graph, v, axis, rank))
             replacement = graph.call_function(target, tuple(parts))
         elif target is aten.neg.default:
             replacement = graph.call_function(target, (_sum(graph, y.args[0], axis),))
