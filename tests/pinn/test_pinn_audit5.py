@@ -1,6 +1,7 @@
 """Fifth audit of curvkit.pinn: each test above the coverage section failed before its fix."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -189,3 +190,19 @@ def test_resume_into_a_model_of_another_dtype_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"dtype \(checkpoint 'float64', now 'float32'\)"):
         train(problem, model32, method="engd_woodbury", steps=2, options=opts, resume=ckpt,
               **SMALL)
+
+
+@pytest.mark.parametrize("method", ["engd", "engd_woodbury", "spring", "hessian_free"])
+def test_a_non_finite_loss_is_reported_not_solved_for(method):
+    # The solvers refuse non-finite right-hand sides; the step reports the loss instead, and
+    # train records it and stops (as it does for Adam).
+    problem = poisson(2, hidden=(6,))
+    model = problem.default_model(generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model[0].bias[0] = float("nan")
+    before = [p.clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="the loss is nan at step 1; stopping"):
+        h = train(problem, model, method=method, steps=3, options={"damping": 1e-6}, **SMALL)
+    assert h.step == [0, 1] and math.isnan(h.loss[-1])
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())

@@ -184,16 +184,19 @@ class NaturalGradientBase(Optimizer):
             batch: ``Batch(interior (N_Ω, D), boundary (N_∂, D))``.
 
         Returns:
-            The loss ``½‖r̃‖²`` at the parameters before the update.
+            The loss ``½‖r̃‖²`` at the parameters before the update; if it is not finite the
+            parameters are left as they are (``train`` then records it and stops).
         """
         group = self.param_groups[0]
         params = group["params"]
         lin = linearize(self.model, self.problem, batch)
         current = 0.5 * float(lin.residual.square().sum())
-        direction = _unflatten(self._direction(lin, group, params), params)
-        eta = self._step_size(direction, group, params, batch, current)
-        for p, d in zip(params, direction):
-            p.add_(d, alpha=eta)
+        eta = 0.0
+        if math.isfinite(current):  # else nothing to solve for: reported, parameters kept
+            direction = _unflatten(self._direction(lin, group, params), params)
+            eta = self._step_size(direction, group, params, batch, current)
+            for p, d in zip(params, direction):
+                p.add_(d, alpha=eta)
         state = self.state[params[0]]
         state["step"] = state.get("step", 0) + 1
         state["step_size"] = eta
