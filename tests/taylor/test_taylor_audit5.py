@@ -110,3 +110,11 @@ def test_detach_stops_the_taylor_coefficients():
         torch.tensor([2.0], dtype=DT), (torch.tensor([1.0], dtype=DT), torch.tensor([0.0], dtype=DT)))
     torch.testing.assert_close(d1, torch.tensor([2.0], dtype=DT))
     torch.testing.assert_close(d2, torch.tensor([0.0], dtype=DT))
+
+
+def test_data_attribute_stops_the_taylor_coefficients_like_detach():
+    X = torch.tensor([[1.0, 2.0], [0.5, -1.0]], dtype=DT)
+    by_data = laplacian(lambda x: (x ** 2).sum(-1) + x.data.pow(3).sum(-1))(X)
+    by_detach = laplacian(lambda x: (x ** 2).sum(-1) + x.detach().pow(3).sum(-1))(X)
+    torch.testing.assert_close(by_data, torch.full((2,), 4.0, dtype=DT))  # was 4 + 6 Σ x_i
+    torch.testing.assert_close(by_detach, by_data)

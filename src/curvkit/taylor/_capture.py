@@ -43,9 +43,14 @@ RULES[torch.ops.curvkit.stop_gradient.default] = lambda ctx, x: ctx.constant(x.p
 
 class _RecordDetach(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (Tensor.detach, torch.detach) and not kwargs:
+        if (func in (Tensor.detach, torch.detach) or _reads_data(func)) and not kwargs:
             return _stop_gradient(*args)
         return func(*args, **(kwargs or {}))
+
+
+def _reads_data(func) -> bool:
+    """``x.data`` (a property: the mode sees its getter), recorded as an alias like ``detach``."""
+    return getattr(func, "__self__", None) is torch._C.TensorBase.data
 
 
 class _Program:
