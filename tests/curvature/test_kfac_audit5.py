@@ -211,7 +211,9 @@ def test_model_based_operators_say_how_to_change_dtype():
 def test_singular_kronecker_block_named_like_the_others_at_zero_damping():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
-    K = KFAC(model, nn.CrossEntropyLoss(), class_data((5,), 2, sizes=(2,)))  # rank-2 factors
+    data = [(x * torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0]), y)  # an exactly singular input factor
+            for x, y in class_data((5,), 2, sizes=(6,))]
+    K = KFAC(model, nn.CrossEntropyLoss(), data)
     with pytest.raises(ValueError, match=r"KFAC.logdet: block '0' is singular"):
         K.logdet()
     assert torch.isfinite(K.logdet(1e-3))
