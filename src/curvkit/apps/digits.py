@@ -20,6 +20,8 @@ def digits_data(
     Returns:
         Batches with ``X: (B, 1, 8, 8)`` scaled to ``[0, 1]`` and ``y: (B,)`` class labels.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"digits_data: limit must be >= 1 (or None); got {limit}.")
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - scikit-learn is a dependency

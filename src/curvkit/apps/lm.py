@@ -41,6 +41,8 @@ def load_stdlib_bytes(*, validation_fraction: float = 0.1, max_bytes: int | None
     Returns:
         ``(train (N,) uint8, validation (M,) uint8, info)`` with file counts and the root.
     """
+    if not 0.0 <= validation_fraction <= 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1]; got {validation_fraction}.")
     root = Path(sysconfig.get_paths()["stdlib"])
     train, val = [], []
     n_train = n_val = 0
@@ -57,7 +59,9 @@ def load_stdlib_bytes(*, validation_fraction: float = 0.1, max_bytes: int | None
     train_bytes, val_bytes = b"".join(train), b"".join(val)
     if max_bytes is not None:
         train_bytes = train_bytes[:max_bytes]
-    to_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)  # noqa: E731
+    to_tensor = lambda b: (  # noqa: E731 frombuffer refuses an empty buffer
+        torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.zeros(0, dtype=torch.uint8)
+    )
     info = dict(root=str(root), train_files=n_train, val_files=n_val,
                 train_bytes=len(train_bytes), val_bytes=len(val_bytes))
     return to_tensor(train_bytes), to_tensor(val_bytes), info
@@ -76,7 +80,13 @@ def sample_batch(stream: torch.Tensor, batch_size: int, context: int,
     Returns:
         ``(inputs (B, T) long, targets (B, T) long)``.
     """
-    starts = torch.randint(0, stream.numel() - context - 1, (batch_size,), generator=generator)
+    if stream.numel() < context + 1:
+        raise ValueError(
+            f"sample_batch: a window needs context + 1 = {context + 1} tokens; the stream has "
+            f"{stream.numel()}."
+        )
+    # Windows of context + 1 tokens start at 0, ..., N - context - 1 (randint's high is exclusive).
+    starts = torch.randint(0, stream.numel() - context, (batch_size,), generator=generator)
     idx = starts[:, None] + torch.arange(context + 1)
     windows = stream[idx].long()
     return windows[:, :-1], windows[:, 1:]

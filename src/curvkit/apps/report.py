@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from curvkit import linalg
 from curvkit.curvature import EKFAC, GGN, KFAC, Hessian
+from curvkit.curvature.losses import output_loss
 
 __all__ = ["ReportOptions", "curvature_report", "plot_report"]
 
@@ -51,34 +52,30 @@ def _rel(a: Tensor, b: Tensor) -> float:
 def _loss_and_gradient(
     model: nn.Module, loss_fn: nn.Module, data: Iterable
 ) -> tuple[float, float, int]:
-    """Loss over all data under the loss's reduction, and the gradient norm; one pass."""
+    """Loss over all data under the loss's reduction, and the gradient norm; one pass.
+
+    Batches contribute their sum-reduced loss; the total is divided by the number of loss terms
+    that PyTorch's mean divides by (class-weighted tokens, probability-target rows, output
+    entries), exactly as the curvature operators normalise.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [torch.zeros_like(p) for p in params]
-    total, count = 0.0, 0
-    summed = type(loss_fn)(**{**_loss_kwargs(loss_fn), "reduction": "sum"})
+    wrapped = output_loss(loss_fn, caller="curvature_report", analytic=True)
+    total, count = 0.0, 0.0
     for X, y in data:
-        loss = summed(model(X), y)
+        output = model(X)
+        wrapped.check(output, y)
+        loss = wrapped.sum_loss(output, y, y.shape[0])
         for g, gi in zip(grads, torch.autograd.grad(loss, params)):
             g += gi
         total += loss.item()
-        count += y.numel() if loss_fn.reduction == "mean" else 1
+        count += float(wrapped.count(y, y.shape[0]))
+    if loss_fn.reduction == "mean" and count <= 0:
+        raise ValueError("curvature_report: data holds no loss terms (no batches, or every "
+                         "target ignored).")
     scale = 1.0 / count if loss_fn.reduction == "mean" else 1.0
-    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean":
-        count = sum(int((y != loss_fn.ignore_index).sum()) for _, y in data)
-        scale = 1.0 / count
-    elif isinstance(loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss)) and loss_fn.reduction == "mean":
-        scale = 1.0 / sum(model(X).numel() for X, _ in data)
     grad_norm = math.sqrt(sum((scale * g).pow(2).sum().item() for g in grads))
     return total * scale, grad_norm, sum(p.numel() for p in params)
-
-
-def _loss_kwargs(loss_fn: nn.Module) -> dict:
-    keys = {"ignore_index", "label_smoothing", "weight", "pos_weight"}
-    return {
-        k: getattr(loss_fn, k)
-        for k in keys
-        if hasattr(loss_fn, k) and k in type(loss_fn).__init__.__code__.co_varnames
-    }
 
 
 def curvature_report(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import curvkit
 from curvkit.cli import bench, check, pinn, report, train
@@ -41,7 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        out = getattr(args, "out", None)
+        if out is not None and Path(out).exists() and not Path(out).is_dir():
+            # Checked before the work: the outputs are written last, after minutes of compute.
+            raise ValueError(f"--out {out}: exists and is not a folder.")
         return _COMMANDS[args.command].run(args)
-    except (ValueError, TypeError, RuntimeError, FileNotFoundError, ImportError) as err:
+    except (ValueError, TypeError, RuntimeError, OSError, ImportError) as err:
         print(f"curvkit {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -36,6 +36,11 @@ def _built_in_operator(size: int, dtype: torch.dtype, g: torch.Generator):
 
 def run(args: argparse.Namespace) -> int:
     """Print the errors of a product, a CG solve, trace estimates and top eigenvalues against dense."""
+    if args.size < 3:
+        raise ValueError(
+            f"--size must be >= 3 (the check finds 5 eigenvalues of a size^2 operator); "
+            f"got {args.size}."
+        )
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(args.seed)
     op, dense = _built_in_operator(args.size, dtype, g)

@@ -47,6 +47,11 @@ def _problem(args, dtype, device):
     loss_fn = _LOSSES[args.loss]()
     if (args.model is None) != (args.data is None):
         raise ValueError("--model and --data go together: name both factories or neither.")
+    if args.model is None and args.loss != "cross_entropy":
+        raise ValueError(
+            f"--loss {args.loss} needs --model and --data: the built-in digits problem is a "
+            "classification task (--loss cross_entropy)."
+        )
     if args.model is None:
         data = digits_data(dtype=dtype, device=device, limit=args.limit)
         model = digits_cnn(seed=args.seed).to(device=device, dtype=dtype)
@@ -69,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
     """Compute the report, print it, and write ``report.json`` and ``report.png`` into ``--out``."""
     from curvkit.apps.report import ReportOptions, curvature_report, plot_report
 
+    for option, low in (("top_k", 1), ("num_matvecs", 1), ("train_epochs", 0), ("limit", 1)):
+        value = getattr(args, option)
+        if value is not None and value < low:
+            raise ValueError(f"--{option.replace('_', '-')} must be >= {low}; got {value}.")
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     log = (lambda *a: None) if args.no_progress else print  # noqa: E731

@@ -84,19 +84,42 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.methods) - set(_METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; expected names from {list(_METHODS)}.")
+    for option in ("steps", "eval_every", "layers", "width", "heads", "context", "batch", "vocab"):
+        if getattr(args, option) < 1:
+            raise ValueError(
+                f"--{option.replace('_', '-')} must be >= 1; got {getattr(args, option)}."
+            )
+    if args.width % args.heads:
+        raise ValueError(
+            f"--width ({args.width}) must be a multiple of --heads ({args.heads})."
+        )
     if args.data is None:
         train, val, _ = load_stdlib_bytes(max_bytes=4_000_000)
     else:
-        train, val = load_factory(args.data, "--data")()
+        streams = load_factory(args.data, "--data")()
+        if not isinstance(streams, (tuple, list)) or len(streams) != 2:
+            raise ValueError(
+                f"--data {args.data} must return a (train, validation) pair of 1-d token "
+                f"tensors; got {type(streams).__name__}."
+            )
+        train, val = streams
     for name, stream in (("train", train), ("validation", val)):
         if (
             not isinstance(stream, torch.Tensor)
             or stream.ndim != 1
-            or stream.numel() <= args.context + 1
+            or stream.numel() < args.context + 1
         ):
             raise ValueError(
-                f"--data: the {name} stream must be a 1-d tensor longer than the context "
-                f"({args.context + 1}); got {getattr(stream, 'shape', type(stream).__name__)}."
+                f"--data: the {name} stream must be a 1-d tensor of at least context + 1 "
+                f"({args.context + 1}) tokens; got {getattr(stream, 'shape', type(stream).__name__)}."
+            )
+        if stream.is_floating_point() or stream.is_complex() or (
+            stream.numel() and not 0 <= int(stream.min()) <= int(stream.max()) < args.vocab
+        ):
+            raise ValueError(
+                f"--data: the {name} stream must hold integer token ids in [0, --vocab "
+                f"{args.vocab}); got {stream.dtype} values in "
+                f"[{stream.min().item()}, {stream.max().item()}]."
             )
     val_gen = torch.Generator().manual_seed(args.seed + 12345)
     val_batches = [sample_batch(val, args.batch, args.context, val_gen) for _ in range(4)]
