@@ -18,7 +18,8 @@ handles everything that is the same for all curvature matrices:
 - the math SDPA kernel during every pass, so attention can be differentiated twice, and a clear
   error when a module cannot be;
 - distributed reduction: with ``torch.distributed`` initialised, each rank's ``data`` is its
-  shard, and sums and counts are all-reduced in one collective.
+  shard, and sums and counts are all-reduced in one collective (the count apart, in float64,
+  when the sums are of lower precision).
 
 Interface for estimators built on the engine (KFAC, EKFAC):
 
@@ -93,8 +94,9 @@ def resolve_params(model: nn.Module, params, caller: str) -> dict[str, Tensor]:
 
     Args:
         model: The model.
-        params: ``None`` (all parameters with ``requires_grad``), a sequence of the model's
-            parameter tensors, or a mapping from parameter names to tensors of their shapes.
+        params: ``None`` (all parameters with ``requires_grad``), a sequence (or iterable, e.g.
+            ``model.parameters()``) of the model's parameter tensors, or a mapping from
+            parameter names to tensors of their shapes.
         caller: Name used in error messages.
 
     Returns:
@@ -118,7 +120,8 @@ def resolve_params(model: nn.Module, params, caller: str) -> dict[str, Tensor]:
                 raise ValueError(f"{caller}: params[{name!r}] must be a tensor of shape "
                                  f"{tuple(named[name].shape)}; got {got}.")
             selected[name] = value
-    elif isinstance(params, Sequence) and not isinstance(params, Tensor):
+    elif isinstance(params, Iterable) and not isinstance(params, (Tensor, str)):
+        params = list(params)  # also model.parameters() and other iterables, as torch.optim
         by_id = {id(p): n for n, p in named.items()}
         selected = {}
         for i, p in enumerate(params):
@@ -390,8 +393,16 @@ class DataEngine:
         if totals is None:
             raise ValueError(f"{self.caller}: data yielded no batches (or only empty ones).")
         if distributed.is_distributed():
-            count_t = torch.tensor([count], dtype=totals[0].dtype, device=totals[0].device)
-            *totals, count_t = self.all_reduce([*totals, count_t])
+            # The count rides along in the one collective only where the totals' dtype holds
+            # it exactly: bfloat16 rounds 257 to 256, float32 loses counts above 2**24.
+            dtype, device = totals[0].dtype, totals[0].device
+            if dtype == torch.float64:
+                count_t = torch.tensor([count], dtype=dtype, device=device)
+                *totals, count_t = self.all_reduce([*totals, count_t])
+            else:
+                totals = self.all_reduce(totals)
+                (count_t,) = self.all_reduce([torch.tensor([count], dtype=torch.float64,
+                                                           device=device)])
             count = count_t.item()
         if self.loss is not None:
             self._set_num_terms(count, counted=True)
@@ -434,6 +445,8 @@ class DataEngine:
                     "(pass check_deterministic=False to accept that)."
                 )
         first, second = self._fingerprints(), self._fingerprints()
+        if not first:
+            raise ValueError(f"{self.caller}: data yielded no batches (or only empty ones).")
         if len(first) != len(second):
             raise ValueError(f"{self.caller}: the data gave {len(first)} batches, then "
                              f"{len(second)}; the data must be the same at every pass.")

@@ -27,8 +27,8 @@ class Hessian(CurvatureOperator):
     ``torch.func.grad``); see ``benchmarks/results/curvature.md``.
 
     Any twice-differentiable loss module with ``reduction="mean"`` or ``"sum"`` works; for losses
-    other than ``MSELoss``, ``CrossEntropyLoss`` and ``BCEWithLogitsLoss`` the mean is taken to be
-    over examples.
+    other than ``MSELoss``, ``CrossEntropyLoss``, ``BCEWithLogitsLoss`` and ``NLLLoss`` (which count
+    their terms as PyTorch does) the mean is taken to be over examples.
 
     Args:
         model: ``nn.Module`` called as ``model(X)``.
@@ -55,6 +55,8 @@ class Hessian(CurvatureOperator):
         inputs = list(params.values())
         with SavedBytes() as saved:
             loss = self.loss.sum_loss(self._output(batch, params), batch.y, batch.batch_size)
+        if not loss.requires_grad:  # no selected parameter reaches the loss
+            return [torch.zeros_like(t) for t in V.values()]
         grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True,
                                     materialize_grads=True)
         # A gradient that does not depend on the parameters (e.g. of a last-layer bias under

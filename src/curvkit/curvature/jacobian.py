@@ -48,6 +48,8 @@ class Jacobian(LinearOperator):
                                  batch_size_fn=batch_size_fn)
         with torch.no_grad(), self.engine.context():
             self.output_shapes = [self.engine.forward(b.X).shape for b in self.engine.batches()]
+        if not self.output_shapes:
+            raise ValueError("Jacobian: data yielded no batches (or only empty ones).")
         M = sum(s.numel() for s in self.output_shapes)
         first = next(iter(selected.values()))
         P = sum(p.numel() for p in selected.values())
@@ -85,7 +87,7 @@ class Jacobian(LinearOperator):
 
 
 class _Pairs:
-    """View data of bare inputs ``X`` as ``(X, None)`` batches; pass ``(X, y)`` through."""
+    """View data of inputs ``X``, ``(X,)``, ``(X, y)`` or ``(X, y, w)`` as ``(X, None)`` batches."""
 
     def __init__(self, data: Iterable):
         if iter(data) is data:
@@ -95,4 +97,9 @@ class _Pairs:
 
     def __iter__(self):
         for item in self.data:
-            yield item if isinstance(item, (tuple, list)) else (item, None)
+            # Targets (and weights) are not used: keep the input only, so that a DataLoader
+            # over a TensorDataset of inputs ([X] batches) and non-tensor targets work.
+            if isinstance(item, (tuple, list)) and 1 <= len(item) <= 3:
+                yield item[0], None
+            else:
+                yield item if isinstance(item, (tuple, list)) else (item, None)

@@ -146,9 +146,15 @@ class _CrossEntropy(OutputLoss):
             )
 
     def _term_weights(self, y: Tensor, dtype: torch.dtype) -> Tensor | None:
-        """Per-token weights ``(N, d1, ...)``: 0 for ignored tokens, ``weight[y]`` if weighted."""
+        """Per-token weights ``(N, d1, ...)``: 0 for ignored tokens, ``weight[y]`` if weighted.
+
+        For probability targets: the token's target mass (after label smoothing), which scales
+        its Hessian ``Σ_c y_c (diag p − p pᵀ)`` (PyTorch does not require rows to sum to 1).
+        """
         if y.is_floating_point():
-            return None
+            mass = y.sum(dim=1).to(dtype)
+            eps = self.label_smoothing
+            return mass if eps == 0 else mass * (1 - eps) + eps
         keep = y != self.ignore_index
         if self.weight is None:
             return keep.to(dtype)
@@ -208,8 +214,8 @@ class _CrossEntropy(OutputLoss):
                        torch.full((1, 1, 1, 1), -1.0, dtype=p.dtype, device=p.device)
                        .expand(mc_samples, N, T, 1))
         w = self._term_weights(y, p.dtype)
-        if w is not None and not bool((w == 1).all()):  # ignored tokens (no class weights here)
-            G = G * w.reshape(1, N, T, 1)
+        if w is not None and not bool((w == 1).all()):  # ignored tokens, target mass
+            G = G * w.reshape(1, N, T, 1).sqrt()
         shape = output.shape  # back to the output layout, as views
         return G.reshape(mc_samples, shape[0], *shape[2:], shape[1]).movedim(-1, 2)
 
@@ -281,6 +287,28 @@ class _BCEWithLogits(_Elementwise):
         return s - labels  # E[(σ − ỹ)²] = σ(1 − σ)
 
 
+class _NLL(OutputLoss):
+    """``NLLLoss`` for the Hessian, its terms counted as PyTorch's mean divides by them.
+
+    That is the (class-weighted) non-ignored targets, not the examples.
+    """
+
+    def __init__(self, module: nn.NLLLoss, caller: str):
+        super().__init__(module, caller)
+        self.ignore_index, self.weight = module.ignore_index, module.weight
+
+    def count(self, y, batch_size):
+        keep = y != self.ignore_index
+        if self.weight is None:
+            return keep.to(torch.float64).sum()
+        w = self.weight.to(torch.float64)[y.clamp(min=0) * keep]
+        return torch.where(keep, w, 0.0).sum()
+
+    def sum_loss(self, output, y, batch_size):
+        return F.nll_loss(output, y, weight=self.weight, ignore_index=self.ignore_index,
+                          reduction="sum")
+
+
 def output_loss(module: nn.Module, *, caller: str, analytic: bool) -> OutputLoss:
     """Wrap a PyTorch loss module.
 
@@ -310,4 +338,6 @@ def output_loss(module: nn.Module, *, caller: str, analytic: bool) -> OutputLoss
             f"{caller}: supports {', '.join(SUPPORTED_LOSSES)}; got {type(module).__name__} "
             "(the Hessian operator accepts any twice-differentiable loss)."
         )
+    if type(module) is nn.NLLLoss:
+        return _NLL(module, caller)
     return OutputLoss(module, caller)

@@ -474,6 +474,13 @@ _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.
                 nn.Mish, nn.ReLU6, nn.CELU, nn.SELU) + _ODD
 
 
+def _is_odd(module: nn.Module) -> bool:
+    """Whether an elementwise activation is odd (``Hardtanh``, and ``ReLU6``, only if min = -max)."""
+    if isinstance(module, nn.Hardtanh):
+        return module.min_val == -module.max_val
+    return isinstance(module, _ODD)
+
+
 def sequential_symmetries(model: nn.Sequential) -> dict[str, tuple[str, ...]]:
     """Name the hidden-unit symmetry of every parameter of an MLP (``nn.Sequential``).
 
@@ -504,7 +511,7 @@ def sequential_symmetries(model: nn.Sequential) -> dict[str, tuple[str, ...]]:
                 between.append(pending)
             linears.append((name, module))
             pending = "orthogonal"
-        elif isinstance(module, _ODD):
+        elif _is_odd(module):
             pending = "signed_perm" if pending != "perm" else "perm"
         elif isinstance(module, _ELEMENTWISE):
             pending = "perm"
