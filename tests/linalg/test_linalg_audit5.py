@@ -133,3 +133,19 @@ def test_lsmr_keeps_finished_columns_finite():
                  return_info=True)
     assert torch.isfinite(r.x).all()
     assert (S @ r.x[:, 0] - B[:, 0]).norm() <= 1e-5
+
+
+def test_sum_takes_parameter_shapes_from_any_operand():
+    from linalg_cases import MatmatOnly
+
+    from curvkit.linalg.structured import Identity
+
+    M = torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    A = MatmatOnly(M, in_shapes=[(2, 2), (1,)])
+    identity = Identity(5, dtype=torch.float64)
+    x = [torch.ones(2, 2, dtype=torch.float64), torch.ones(1, dtype=torch.float64)]
+    expected = M @ torch.ones(5, dtype=torch.float64) + 1
+    for op in (A + identity, identity + A):  # the second refused lists before
+        y = op @ x
+        assert [tuple(t.shape) for t in y] == [(2, 2), (1,)]
+        torch.testing.assert_close(torch.cat([t.reshape(-1) for t in y]), expected)

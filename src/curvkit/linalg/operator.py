@@ -351,13 +351,15 @@ class _Sum(LinearOperator):
                 f"Sum: operands must have equal shapes; got {[o.shape for o in flat]}."
             )
         dtype, device = _common(flat, "Sum")
-        first = flat[0]
+        # parameter shapes from whichever operand has them (``I + A`` as well as ``A + I``)
+        in_shapes = next((o.in_shapes for o in flat if o.in_shapes is not None), None)
+        out_shapes = next((o.out_shapes for o in flat if o.out_shapes is not None), None)
         super().__init__(
-            first.shape,
+            flat[0].shape,
             dtype=dtype,
             device=device,
-            in_shapes=first.in_shapes,
-            out_shapes=first.out_shapes,
+            in_shapes=in_shapes,
+            out_shapes=out_shapes,
         )
         self.ops = flat
         self.is_symmetric = all(o.is_symmetric for o in flat)
