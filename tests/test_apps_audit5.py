@@ -107,3 +107,12 @@ def test_cli_out_that_is_a_file_is_a_clear_error(tmp_path, capsys, argv):
     assert main([*argv, "--out", str(tmp_path / "taken")]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
     assert (tmp_path / "taken").read_text() == "not a folder"
+
+
+def test_byte_lm_names_sequences_longer_than_its_context():
+    from curvkit.apps.lm import ByteLM
+
+    model = ByteLM(layers=1, width=8, heads=2, context=4)
+    assert model(torch.zeros(2, 4, dtype=torch.long)).shape == (2, 4, 256)
+    with pytest.raises(ValueError, match="sequences of 5 tokens exceed the context of 4"):
+        model(torch.zeros(2, 5, dtype=torch.long))

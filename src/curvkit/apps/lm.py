@@ -128,6 +128,9 @@ class ByteLM(nn.Module):
         nn.init.normal_(self.pos, std=0.02)
 
     def forward(self, idx):  # noqa: D102
+        if idx.shape[-1] > self.pos.shape[0]:  # the positional table would broadcast unclearly
+            raise ValueError(f"ByteLM: sequences of {idx.shape[-1]} tokens exceed the context of "
+                             f"{self.pos.shape[0]}.")
         x = self.embed(idx) + self.pos[: idx.shape[1]]
         for block in self.blocks:
             x = block(x)
