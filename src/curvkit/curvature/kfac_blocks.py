@@ -25,6 +25,7 @@ from curvkit.linalg import (
     LinearOperator,
     SymmetricEigen,
 )
+from curvkit.linalg.structured import _check_damping
 
 __all__ = ["Block", "JointRows", "PermutedBlocks"]
 
@@ -209,15 +210,6 @@ class Block:
             return d, Identity(d.shape[0], dtype=d.dtype, device=d.device)
         Q1, Q2, lam = self.data
         return lam, _Kron2(Q1, Q2)
-
-
-def _check_damping(damping, caller: str) -> float:
-    # A NaN or infinite damping would propagate into a NaN/inf result, and a negative one is
-    # reported as a singular block: refuse them by name.
-    damping = float(damping)
-    if not math.isfinite(damping) or damping < 0:
-        raise ValueError(f"{caller}: damping must be a finite number >= 0; got {damping}.")
-    return damping
 
 
 def _shift(M: Tensor, d: float) -> Tensor:

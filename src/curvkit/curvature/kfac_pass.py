@@ -164,6 +164,12 @@ def _example_dims(batch: Batch):
                     else None, batch.X)
 
 
+def _training_batch_norms(model: nn.Module) -> list[nn.Module]:
+    """BatchNorm modules in training mode (batch statistics, running statistics updated)."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+
+
 class FactorPass:
     """Hooks and per-batch accumulation shared by KFAC and EKFAC.
 
@@ -295,8 +301,7 @@ class FactorPass:
         full = {id(p): p.calls for p in self.layers}
         one = tree_map(lambda t, d: t if d is None else t[:1], batch.X, _example_dims(batch))
         # The pass updates copies: the originals may be saved for the batch's backward pass.
-        statistics = [(m, name, b) for m in self.engine.model.modules()
-                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+        statistics = [(m, name, b) for m in _training_batch_norms(self.engine.model)
                       for name, b in m.named_buffers(recurse=False)]
         for module, name, b in statistics:
             setattr(module, name, b.clone())
@@ -342,13 +347,12 @@ class FactorPass:
             raise ValueError(f"KFAC: parameters {self.others} belong to no supported layer "
                              "(Linear, Conv1d/2d/3d, Embedding, LayerNorm, RMSNorm, GroupNorm, "
                              "BatchNorm); pass other='diagonal' or 'dense', or exclude them.")
-        training_norms = [type(m).__name__ for m in self.engine.model.modules()
-                          if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        training_norms = _training_batch_norms(self.engine.model)
         if self.others and training_norms:
             raise ValueError(f"KFAC: parameters {self.others} get exact per-example blocks from "
                              "one-example forward passes, which a BatchNorm in training mode "
-                             f"({training_norms[0]}: batch statistics) does not allow; call "
-                             "model.eval() or exclude them via params=.")
+                             f"({type(training_norms[0]).__name__}: batch statistics) does not "
+                             "allow; call model.eval() or exclude them via params=.")
         uncovered = self.others + [n for p in self.layers if not p.is_kron
                                    for n in (p.weight, p.bias) if n is not None]
         if uncovered and self.fisher == "forward_only":
