@@ -156,7 +156,7 @@ def test_every_optimizer_resumes_bit_for_bit_through_torch_save(tmp_path):
 
 
 def test_seeded_streams_are_reproducible_and_not_shared_by_neighbouring_seeds():
-    from curvkit.pinn.problems import seeded_stream
+    from curvkit.pinn.base import seeded_stream
 
     def draw(*key):
         return torch.rand(8, generator=seeded_stream(*key))

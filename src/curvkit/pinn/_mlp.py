@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from curvkit.pinn.problems import Derivatives
+from curvkit.pinn.base import Derivatives
 from curvkit.taylor import _series
 
 __all__ = ["MLPStructure", "Sin", "forward_laplacian", "mlp_derivatives", "mlp_structure"]

@@ -26,8 +26,8 @@ from torch.optim import Optimizer
 from curvkit.linalg import ConvergenceWarning, LinearOperator, cg
 from curvkit.linalg.gram import gram
 from curvkit.pinn._mlp import mlp_derivatives, mlp_structure
+from curvkit.pinn.base import Batch, Problem
 from curvkit.pinn.jacobian import linearize
-from curvkit.pinn.problems import Batch, Problem
 from curvkit.pinn.residuals import residual_function
 from curvkit.pinn.solves import damped_cholesky_solve
 

@@ -26,14 +26,8 @@ from torch import Tensor, nn
 from curvkit.linalg import LinearOperator
 from curvkit.linalg.gram import gram
 from curvkit.pinn._mlp import forward_laplacian, mlp_structure
-from curvkit.pinn.problems import Batch, Derivatives, Problem
-from curvkit.pinn.residuals import (
-    _check_batch,
-    _check_dims,
-    _check_untied,
-    _evaluate,
-    _operator,
-)
+from curvkit.pinn.base import Batch, Derivatives, Problem, _check_dims
+from curvkit.pinn.residuals import _check_batch, _check_untied, _evaluate, _operator
 
 __all__ = ["ResidualJacobian", "DenseResidualJacobian", "linearize"]
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from curvkit.pinn._mlp import Sin, forward_laplacian, mlp_derivatives, mlp_structure
-from curvkit.pinn.problems import Batch, Derivatives, Problem, _check_fits
+from curvkit.pinn.base import Batch, Derivatives, Problem, _check_dims, _check_fits
 from curvkit.taylor import DifferentialOperator, laplacian
 from curvkit.taylor.operators import _Plan, _unit_directions
 
@@ -44,19 +44,6 @@ __all__ = [
     "residual_function",
     "taylor_residuals",
 ]
-
-
-def _check_dims(
-    laplacian_dims: Sequence[int] | None, D: int, caller: str
-) -> tuple[int, ...] | None:
-    if laplacian_dims is None:
-        return None
-    dims = tuple(laplacian_dims)
-    if (not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < D for i in dims)
-            or len(set(dims)) != len(dims)):
-        raise ValueError(f"{caller}: laplacian_dims must be distinct integers in [0, {D}); "
-                         f"got {laplacian_dims!r}.")
-    return dims
 
 
 def _check_untied(f: object, caller: str) -> None:

@@ -11,9 +11,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from curvkit.pinn.base import Batch, Problem, seeded_stream
 from curvkit.pinn.engd import ENGD, HessianFree
 from curvkit.pinn.history import History
-from curvkit.pinn.problems import Batch, Problem, seeded_stream
 from curvkit.pinn.residuals import loss as pinn_loss
 from curvkit.pinn.woodbury import SPRING, ENGDWoodbury
 

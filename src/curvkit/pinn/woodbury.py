@@ -19,8 +19,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from curvkit.pinn.base import Problem, seeded_stream
 from curvkit.pinn.engd import NaturalGradientBase, _check_nonneg
-from curvkit.pinn.problems import Problem, seeded_stream
 from curvkit.pinn.solves import _SOLVERS, KernelSolver, kernel_solve
 
 __all__ = ["ENGDWoodbury", "SPRING"]
