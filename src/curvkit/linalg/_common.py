@@ -59,6 +59,12 @@ def positive_int(value, name: str, caller: str, *, minimum: int = 1) -> int:
     return value
 
 
+def check_on_failure(value, caller: str) -> None:
+    """Validate an ``on_failure`` option (``"raise"`` or ``"warn"``)."""
+    if value not in ("raise", "warn"):
+        raise ValueError(f"{caller}: on_failure must be 'raise' or 'warn'; got {value!r}.")
+
+
 def as_rhs(
     b: Operand, A: LinearOperator, caller: str
 ) -> tuple[Tensor, Callable[[Tensor], object], bool]:

@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from curvkit.linalg._common import as_rhs, require_operator
+from curvkit.linalg._common import as_rhs, check_on_failure, require_operator
 from curvkit.linalg.operator import LinearOperator, Operand
 from curvkit.linalg.solve import (
     ConvergenceError,
@@ -182,8 +182,7 @@ def lsmr(
     thresh = torch.clamp(atol * norm_a * normr, min=torch.finfo(dt).tiny)
     converged = stop
     x = unflatten_b(X)  # A's input space: flat, block, or A.in_shapes
-    if on_failure not in ("raise", "warn"):
-        raise ValueError(f"lsmr: on_failure must be 'raise' or 'warn'; got {on_failure!r}.")
+    check_on_failure(on_failure, "lsmr")
     if not bool(converged.all()):
         msg = (
             f"lsmr: did not converge in {it} iterations: normal-equation residual "

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from curvkit.linalg._common import (
     as_rhs,
+    check_on_failure,
     lookup,
     positive_int,
     require_operator,
@@ -108,8 +109,7 @@ def _finish(
     on_failure,
     return_info,
 ):
-    if on_failure not in ("raise", "warn"):
-        raise ValueError(f"{caller}: on_failure must be 'raise' or 'warn'; got {on_failure!r}.")
+    check_on_failure(on_failure, caller)
     ok = bool(converged.all())
     if not ok:
         worst = int(torch.argmax(res / thresh.clamp_min(torch.finfo(res.dtype).tiny)))

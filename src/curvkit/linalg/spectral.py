@@ -14,7 +14,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from curvkit.linalg._common import orthonormalize, positive_int, probes, require_symmetric
+from curvkit.linalg._common import (
+    check_on_failure,
+    orthonormalize,
+    positive_int,
+    probes,
+    require_symmetric,
+)
 from curvkit.linalg.operator import LinearOperator
 from curvkit.linalg.solve import ConvergenceError, ConvergenceWarning, OnFailure
 
@@ -201,8 +207,7 @@ def eigsh(
         raise ValueError(f"eigsh: k must be <= n = {n}; got {k}.")
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"eigsh: which must be 'LA', 'SA' or 'LM'; got {which!r}.")
-    if on_failure not in ("raise", "warn"):
-        raise ValueError(f"eigsh: on_failure must be 'raise' or 'warn'; got {on_failure!r}.")
+    check_on_failure(on_failure, "eigsh")
     tol = math.sqrt(torch.finfo(A.dtype).eps) if tol is None else float(tol)
     if not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"eigsh: tol must be a finite number > 0; got {tol}.")
@@ -303,8 +308,7 @@ def power_iteration(
     caller = "power_iteration"
     n = require_symmetric(A, caller)
     max_iter = positive_int(max_iter, "max_iter", caller)
-    if on_failure not in ("raise", "warn"):
-        raise ValueError(f"{caller}: on_failure must be 'raise' or 'warn'; got {on_failure!r}.")
+    check_on_failure(on_failure, caller)
     if v0 is None:
         v0 = probes(
             n,
