@@ -104,9 +104,16 @@ def make_case(name, args, g):
 
 
 # --------------------------------------------------------------------------- timing
+def _sync():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # device work is asynchronous: time to its end
+
+
 def timed(fn):
+    _sync()
     t0 = time.perf_counter()
     out = fn()
+    _sync()
     return time.perf_counter() - t0, out
 
 
@@ -120,7 +127,8 @@ def run_model(name, args):
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model, X, y = make_case(name, args, g)
-    model = model.float()
+    model = model.float().to(args.device)
+    X, y = X.to(args.device), y.to(args.device)
     loss_fn = nn.CrossEntropyLoss()
     data = [(X, y)]
     params = supported_params(model)
@@ -164,7 +172,7 @@ def run_model(name, args):
                    factors_ours_over_curvlinops=med["ours"] / med["curvlinops"])
 
     # damped-inverse product (inverse built once; one product timed)
-    v = torch.randn(ours_op.shape[1], generator=g).float()
+    v = torch.randn(ours_op.shape[1], generator=g).float().to(args.device)
     inv_ours = ours_op.inverse(args.damping, heuristic="pi")
     prods = {"ours": lambda: inv_ours @ v}
     if theirs_op is not None:
@@ -228,6 +236,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--damping", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="e.g. cuda (timings synchronise the device)")
     p.add_argument("--skip-ekfac", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats (smoke test)")
     p.add_argument("--out", default=str(RESULTS / "kfac.json"))
@@ -255,7 +264,10 @@ def main(argv=None):
                                 cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = None
-    out = {"device": f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)",
+    device = (f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)"
+              if torch.device(args.device).type == "cpu"
+              else f"{args.device} ({torch.cuda.get_device_name(torch.device(args.device))})")
+    out = {"device": device,
            "torch": torch.__version__,
            "curvlinops": _version("curvlinops-for-pytorch") if curvlinops else None,
            "commit": commit, "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),

@@ -88,6 +88,13 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _device_name(args) -> str:
+    if torch.device(args.device).type == "cpu":
+        return (f"cpu ({platform.processor() or platform.machine()}, 2 shared cores), "
+                f"{args.threads} torch thread(s)")
+    return f"{args.device} ({torch.cuda.get_device_name(torch.device(args.device))})"
+
+
 def _stem(out: str) -> Path:
     """``pinn`` -> ``benchmarks/results/pinn``; a path with a folder or ``.json`` stays as given."""
     path = Path(out)
@@ -111,6 +118,7 @@ def _run(problem, method, args, budget, n_in, n_bd, seed) -> History:
         seed=seed,
         eval_every=1,
         progress=args.progress,
+        device=args.device,
     )
     wall = time.perf_counter() - t0
     print(
@@ -274,11 +282,12 @@ def _per_step(problem, args, stem: Path) -> None:
         h = train(problem, method=METHOD.get(m, m), steps=args.per_step,
                   options=_options(m, args.num_interior + args.num_boundary),
                   num_interior=args.num_interior, num_boundary=args.num_boundary,
-                  num_eval=args.num_eval, seed=args.seed)
+                  num_eval=args.num_eval, seed=args.seed, device=args.device)
         rows[m] = (h.time[-1] - h.time[1]) / (args.per_step - 1)
         print(f"  {m:22s} {rows[m]:7.2f} s/step", flush=True)
     record = {
-        "benchmark": "pinn_per_step", "git_commit": _git_commit(), "torch": torch.__version__,
+        "benchmark": "pinn_per_step", "device": _device_name(args),
+        "git_commit": _git_commit(), "torch": torch.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "threads": args.threads, "steps": args.per_step, "seconds_per_step": rows,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -312,6 +321,7 @@ def main() -> None:
         help="torch threads (1 is fastest on the shared, oversubscribed 2-core box)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="e.g. cuda (train() runs there)")
     parser.add_argument(
         "--per-step",
         type=int,
@@ -375,8 +385,7 @@ def main() -> None:
                            for m in args.methods_2d}
     record = {
         "benchmark": "pinn",
-        "device": f"cpu ({platform.processor() or platform.machine()}, 2 shared cores), "
-        f"{args.threads} torch thread(s)",
+        "device": _device_name(args),
         "torch": torch.__version__,
         "git_commit": _git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

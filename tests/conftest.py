@@ -16,3 +16,25 @@ def _float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+# Device tests (``test_*_device.py``) compare a run on an accelerator with the CPU run.
+# CURVKIT_TEST_DEVICE picks the accelerator (default ``cuda``); setting it to ``cpu`` runs the
+# same comparisons CPU against CPU, which checks the tests themselves on a machine without GPU.
+TEST_DEVICE = os.environ.get("CURVKIT_TEST_DEVICE", "cuda")
+
+
+def _device_available(name: str) -> bool:
+    kind = torch.device(name).type
+    if kind == "cpu":
+        return True
+    module = getattr(torch, kind, None)
+    return bool(module is not None and module.is_available())
+
+
+@pytest.fixture
+def device():
+    """The accelerator under test, or a skip when this machine has none."""
+    if not _device_available(TEST_DEVICE):
+        pytest.skip(f"needs a {TEST_DEVICE} device (set CURVKIT_TEST_DEVICE=cpu to self-check)")
+    return torch.device(TEST_DEVICE)

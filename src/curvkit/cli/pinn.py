@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-interior", type=int, default=None)
     parser.add_argument("--num-boundary", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="e.g. cuda (the same run up to rounding)")
     parser.add_argument(
         "--out", default="curvkit-pinn", help="folder for history.json and history.png"
     )
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train, print the L2-error history, write ``history.json`` and ``history.png``."""
     from curvkit import pinn
+    from curvkit.cli._load import resolve_device
 
     if args.steps is None and args.time_budget is None:
         args.steps = 100
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         num_boundary=args.num_boundary,
         seed=args.seed,
         progress=not args.no_progress,
+        device=resolve_device(args.device),
     )
     print(f"{'step':>6} {'time (s)':>9} {'loss':>11} {'L2 error':>11}")
     for step, t, loss, err in zip(history.step, history.time, history.loss, history.l2_error):

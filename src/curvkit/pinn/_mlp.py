@@ -211,6 +211,10 @@ _CHUNK_BYTES = 1 << 20
 
 
 def _chunk_rows(structure: MLPStructure, X: Tensor) -> int:
+    if X.device.type != "cpu":
+        # Chunks help a CPU's cache; on an accelerator they only add kernel launches (each
+        # chunk one per layer op): one pass, as its memory allows.
+        return max(1, X.shape[0])
     width = max(max(out, in_) for out, in_, _ in structure.linear_shapes)
     return max(1, _CHUNK_BYTES // max(1, X.shape[1] * width * X.element_size()))
 

@@ -113,9 +113,13 @@ class Problem:
         *,
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
     ) -> Tensor:
-        """Uniform points in the box, shape ``(n, D)``."""
-        return _uniform(self.lower, self.upper, n, generator, dtype)
+        """Uniform points in the box, shape ``(n, D)``, drawn on the CPU and put on ``device``.
+
+        Drawing on the CPU gives the same points for the same seed on every device.
+        """
+        return _uniform(self.lower, self.upper, n, generator, dtype).to(device)
 
     def sample_boundary(
         self,
@@ -123,9 +127,10 @@ class Problem:
         *,
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
     ) -> Tensor:
-        """Points where the boundary / initial condition holds, shape ``(n, D)``."""
-        return self.boundary_sampler(n, generator, dtype)
+        """Points where the boundary / initial condition holds, shape ``(n, D)``, on ``device``."""
+        return self.boundary_sampler(n, generator, dtype).to(device)
 
     def sample(
         self,
@@ -134,8 +139,12 @@ class Problem:
         *,
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
     ) -> Batch:
-        """A fresh batch of collocation points (the problem's default sizes when None)."""
+        """A fresh batch of collocation points (the problem's default sizes when None).
+
+        The points are drawn on the CPU (``generator`` is a CPU generator) and put on ``device``.
+        """
         n_in = self.num_interior if num_interior is None else int(num_interior)
         n_bd = self.num_boundary if num_boundary is None else int(num_boundary)
         if n_in < 1 or n_bd < 1:
@@ -143,8 +152,9 @@ class Problem:
                 f"{self.name}.sample: need at least one interior and one boundary point; got "
                 f"num_interior={n_in}, num_boundary={n_bd}."
             )
-        interior = self.sample_interior(n_in, generator=generator, dtype=dtype)
-        return Batch(interior, self.sample_boundary(n_bd, generator=generator, dtype=dtype))
+        interior = self.sample_interior(n_in, generator=generator, dtype=dtype, device=device)
+        boundary = self.sample_boundary(n_bd, generator=generator, dtype=dtype, device=device)
+        return Batch(interior, boundary)
 
     def boundary_target(self, X: Tensor) -> Tensor:
         """Dirichlet / initial data on boundary points ``(N, D)``: the exact solution, ``(N,)``."""
@@ -186,11 +196,16 @@ def _check_fits(model: object, X: Tensor, what: str, caller: str) -> None:
     if not isinstance(model, nn.Module):
         return
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if p is not None and (X.dtype != p.dtype or X.device != p.device):
+    if p is not None and X.device != p.device:
         raise ValueError(
-            f"{caller}: {what} dtype {X.dtype} but the model's parameters {p.dtype} (devices "
-            f"{X.device}, {p.device}); sample the points in the model's dtype "
-            "(problem.sample(..., dtype=...)) or convert the model."
+            f"{caller}: {what} device {X.device} but the model's parameters are on {p.device}; "
+            "sample the points on the model's device (problem.sample(..., device=...)) or move "
+            "the model."
+        )
+    if p is not None and X.dtype != p.dtype:
+        raise ValueError(
+            f"{caller}: {what} dtype {X.dtype} but the model's parameters {p.dtype}; sample the "
+            "points in the model's dtype (problem.sample(..., dtype=...)) or convert the model."
         )
     if isinstance(model, nn.Sequential):
         first = next((m for m in model if type(m) is not nn.Identity), None)

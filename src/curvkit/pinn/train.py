@@ -60,6 +60,7 @@ def train(
     progress: bool = False,
     checkpoint: str | Path | None = None,
     resume: str | Path | None = None,
+    device: torch.device | str | None = None,
 ) -> History:
     """Train a PINN and record loss, L2 error and wall-clock time.
 
@@ -87,6 +88,11 @@ def train(
             the history continues where it stopped, as an uninterrupted run's would (a point
             recorded only because the earlier run ended off the ``eval_every`` grid is dropped
             once training goes on).
+        device: Where to train. None: the model's device (the CPU for the default model). The
+            default model is initialised on the CPU and moved, and points are drawn on the CPU
+            and moved, so a seed gives the same run on every device up to rounding (except the
+            randomized Nyström solves, whose sketches are drawn on the device: reproducible on
+            one device); a given ``model`` must already be on ``device``.
 
     Returns:
         The ``History`` (``loss``, ``l2_error``, ``time``, ``step``, ``step_size``).
@@ -120,8 +126,18 @@ def train(
     options = dict(options or {})
     if model is None:
         model = problem.default_model(generator=torch.Generator().manual_seed(seed))
-    # Points in the model's precision, so that a float32 model trains in float32.
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float64)
+        if device is not None:
+            model = model.to(device)
+    # Points in the model's precision and on its device, so a float32 model trains in float32.
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = torch.float64 if param is None else param.dtype
+    model_device = torch.device("cpu") if param is None else param.device
+    if device is not None and not _same_device(device, model_device):
+        raise ValueError(
+            f"train: device={str(device)!r} but the model's parameters are on {model_device}; "
+            "move the model (model.to(device)) or leave device=None."
+        )
+    device = model_device
     n_in = problem.num_interior if num_interior is None else int(num_interior)
     n_bd = problem.num_boundary if num_boundary is None else int(num_boundary)
     sampler = seeded_stream(seed, 1)
@@ -129,9 +145,12 @@ def train(
         10 * n_in if num_eval is None else int(num_eval),
         generator=seeded_stream(seed, 2),
         dtype=dtype,
+        device=device,
     )
     optimizer = _make_optimizer(method, model, problem, options)
-    fixed_batch = None if resample else problem.sample(n_in, n_bd, generator=sampler, dtype=dtype)
+    fixed_batch = None
+    if not resample:
+        fixed_batch = problem.sample(n_in, n_bd, generator=sampler, dtype=dtype, device=device)
     meta = {
         "problem": problem.name,
         "method": method,
@@ -146,7 +165,7 @@ def train(
     def next_batch():
         if fixed_batch is not None:
             return fixed_batch
-        return problem.sample(n_in, n_bd, generator=sampler, dtype=dtype)
+        return problem.sample(n_in, n_bd, generator=sampler, dtype=dtype, device=device)
 
     def done() -> bool:
         return (steps is not None and step >= steps) or (
@@ -154,7 +173,9 @@ def train(
         )
 
     if resume is not None:
-        state = torch.load(resume, weights_only=False)
+        # On the CPU, whichever device wrote it: load_state_dict moves each tensor to its
+        # parameter's device (and leaves Adam's step counter on the CPU, where torch keeps it).
+        state = torch.load(resume, map_location="cpu", weights_only=False)
         # load_state_dict would keep the checkpoint's hyperparameters over ``options`` (or fail
         # with a KeyError for another method), and another problem or batch would go unnoticed.
         saved = state["history"].get("meta", {})
@@ -172,7 +193,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         sampler.set_state(state["sampler"])
         if state["fixed_batch"] is not None:
-            fixed_batch = Batch(*state["fixed_batch"])
+            fixed_batch = Batch(*(X.to(device) for X in state["fixed_batch"]))
         history = History.from_dict(state["history"])
         step, elapsed = history.step[-1], history.time[-1]
         if step % eval_every and math.isfinite(history.loss[-1]) and not done():
@@ -183,7 +204,7 @@ def train(
         history = History(meta=meta)
         with torch.no_grad():
             first = problem.sample(
-                n_in, n_bd, generator=seeded_stream(seed, 3), dtype=dtype
+                n_in, n_bd, generator=seeded_stream(seed, 3), dtype=dtype, device=device
             )
             initial = float(pinn_loss(model, problem, first))
         history.append(step=0, time=0.0, loss=initial, l2_error=problem.l2_error(model, X_eval))
@@ -205,6 +226,8 @@ def train(
         else:
             value = optimizer.step(batch)
             eta = optimizer.state[optimizer.param_groups[0]["params"][0]]["step_size"]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's kernels may still run: time to their end
         elapsed += time.perf_counter() - start
         step += 1
         # A non-finite loss ends the run: record that step too, so that the history (and the
@@ -237,3 +260,11 @@ def train(
             checkpoint,
         )
     return history
+
+
+def _same_device(requested: torch.device | str, actual: torch.device) -> bool:
+    """Whether ``requested`` (``"cuda"`` means the current CUDA device) names ``actual``."""
+    requested = torch.device(requested)
+    if requested.type != actual.type:
+        return False
+    return requested.index is None or requested.index == actual.index
