@@ -37,4 +37,18 @@ def device():
     """The accelerator under test, or a skip when this machine has none."""
     if not _device_available(TEST_DEVICE):
         pytest.skip(f"needs a {TEST_DEVICE} device (set CURVKIT_TEST_DEVICE=cpu to self-check)")
-    return torch.device(TEST_DEVICE)
+    return _indexed(TEST_DEVICE)
+
+
+def _indexed(name: str) -> torch.device:
+    """``cuda`` as tensors report it (``cuda:0``), so that ``t.device == device`` holds."""
+    return torch.empty(0, device=name).device
+
+
+@pytest.fixture
+def other_device():
+    """A device other than the CPU for mixed-device checks: the accelerator when there is one,
+    else ``meta`` (input checks run before any arithmetic, so they are testable without GPU)."""
+    if TEST_DEVICE != "cpu" and _device_available(TEST_DEVICE):
+        return _indexed(TEST_DEVICE)
+    return torch.device("meta")

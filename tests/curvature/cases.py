@@ -28,7 +28,8 @@ class TinyLM(nn.Module):
         h = self.embed(tokens) + self.pos[: tokens.shape[1]]
         a = self.norm1(h)
         S = tokens.shape[1]
-        mask = torch.triu(torch.full((S, S), float("-inf")), diagonal=1)
+        mask = torch.triu(torch.full((S, S), float("-inf"), dtype=h.dtype, device=h.device),
+                          diagonal=1)
         h = h + self.attn(a, a, a, attn_mask=mask, need_weights=False)[0]
         h = h + self.mlp(self.norm2(h))
         return self.head(h).transpose(1, 2)  # (N, V, S) as CrossEntropyLoss takes it

@@ -168,7 +168,12 @@ class CurvatureOperator(LinearOperator):
         return sum(math.prod(s) for s in self.in_shapes)
 
     def _to(self, dtype, device):
-        raise NotImplementedError(
-            f"{type(self).__name__} cannot be moved: every product evaluates the model on the "
-            "data; move the model and the data (model.to(...)) and build a new operator."
-        )
+        raise not_movable(self)
+
+
+def not_movable(op: LinearOperator) -> NotImplementedError:
+    """The error of ``.to()`` on an operator that evaluates a model on data at every product."""
+    return NotImplementedError(
+        f"{type(op).__name__} cannot be moved: every product evaluates the model on the data; "
+        "move the model and the data (model.to(...)) and build a new operator."
+    )

@@ -234,6 +234,17 @@ class DataEngine:
         names = set(params)
         self._fixed = {n: p.detach() for n, p in model.named_parameters() if n not in names}
         self._num_terms: float | None = None  # global T once known
+        # The one device of the selected parameters (None for a model spread over devices):
+        # batches and the loss's tensors must live there, checked before PyTorch fails deep
+        # inside a kernel ("Expected all tensors to be on the same device ... index_select").
+        devices = {t.device for t in params.values()}
+        self.device = devices.pop() if len(devices) == 1 else None
+        if self.device is not None and loss is not None:
+            for name, t in loss.module.named_buffers():
+                if t.device != self.device:
+                    raise TypeError(f"{caller}: the loss's {name!r} is on {t.device}, the "
+                                    f"model's parameters on {self.device}; move the loss "
+                                    "(loss_fn.to(device)).")
         if check_deterministic:
             self._check_deterministic()
 
@@ -297,11 +308,24 @@ class DataEngine:
             if not isinstance(X, (Tensor, Mapping)):
                 raise TypeError(f"{self.caller}: X must be a tensor or a mapping of tensors; batch "
                                 f"{i} has {type(X).__name__}.")
+            self._check_devices(i, X, y)
             n = self._batch_size(X, y)
             if n == 0:  # an empty batch adds nothing to any sum (and would divide by zero)
                 continue
             count = 0.0 if self.loss is None else float(self.loss.count(y, n))
             yield Batch(X, y, w, n, count, i)
+
+    def _check_devices(self, i: int, X, y) -> None:
+        # (example weights are moved to the outputs' device where they are used)
+        if self.device is None:
+            return
+        for what, part in (("inputs", X), ("targets", y)):
+            off = {t.device for t in tree_leaves(part) if isinstance(t, Tensor)} - {self.device}
+            if off:
+                found = ", ".join(sorted(str(d) for d in off))
+                raise TypeError(f"{self.caller}: batch {i} has {what} on {found}, the model's "
+                                f"parameters are on {self.device}; move the data to the model's "
+                                "device.")
 
     # ------------------------------------------------------------------ normalisation
     def num_terms(self) -> float:
@@ -316,9 +340,14 @@ class DataEngine:
             if first is not None:  # terms per example from the first batch, times num_data
                 total = self.num_data * first.count / first.batch_size
             elif distributed.is_distributed():
-                total = self.all_reduce([torch.tensor([total], dtype=torch.float64)])[0].item()
+                total = self._all_reduce_count(total)
             self._set_num_terms(total, counted=first is None)
         return self._num_terms
+
+    def _all_reduce_count(self, count: float) -> float:
+        # On the parameters' device: NCCL reduces CUDA tensors only.
+        device = self.device or next(iter(self.params.values())).device
+        return self.all_reduce([torch.tensor([count], dtype=torch.float64, device=device)])[0].item()
 
     def _set_num_terms(self, total: float, *, counted: bool) -> None:
         if self.loss is not None and self.loss.reduction == "mean" and total <= 0:
@@ -467,7 +496,7 @@ class DataEngine:
         if self.loss is not None and self.num_data is None:
             total = float(sum(f[3] for f in first))
             if distributed.is_distributed():
-                total = self.all_reduce([torch.tensor([total], dtype=torch.float64)])[0].item()
+                total = self._all_reduce_count(total)
             self._set_num_terms(total, counted=True)
 
     def _fingerprints(self) -> list[Tensor]:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
-from curvkit.curvature._base import join_columns, split_columns
+from curvkit.curvature._base import join_columns, not_movable, split_columns
 from curvkit.curvature.engine import DataEngine, resolve_params
 from curvkit.linalg import LinearOperator
 
@@ -55,6 +55,9 @@ class Jacobian(LinearOperator):
         P = sum(p.numel() for p in selected.values())
         super().__init__((M, P), dtype=first.dtype, device=first.device,
                          in_shapes=[p.shape for p in selected.values()])
+
+    def _to(self, dtype, device):
+        raise not_movable(self)
 
     def _matmat(self, X: Tensor) -> Tensor:
         k = X.shape[1]

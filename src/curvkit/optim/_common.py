@@ -123,8 +123,14 @@ def gradients_finite(params: Iterable[Tensor]) -> bool:
     grads = [p.grad for p in params if p.grad is not None and p.grad.numel() > 0]
     if not grads:
         return True
-    peaks = torch._foreach_norm(grads, ord=float("inf"))
-    return bool(torch.isfinite(torch.stack(peaks)).all())
+    # one stack per device: parameters may live on several (as torch.optim allows)
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    return all(
+        bool(torch.isfinite(torch.stack(torch._foreach_norm(gs, ord=float("inf")))).all())
+        for gs in by_device.values()
+    )
 
 
 def step_generator(seed: int, param_index: int, step: int) -> torch.Generator:

@@ -357,6 +357,10 @@ class SpectralShampoo(KroneckerOptimizer):
                                  f"without size-1 axes and factors of shapes ((m, m), (n, n)); "
                                  f"got parameter "
                                  f"{tuple(p.shape)} and factors {shapes}.")
+            if any(t.device != p.device for t in pair):
+                raise ValueError(f"{self._name}.step: targets must be on their parameter's device "
+                                 f"{p.device}; got factors on "
+                                 f"{', '.join(str(t.device) for t in pair)}.")
             self._targets[id(p)] = pair
         try:
             return super().step(closure)

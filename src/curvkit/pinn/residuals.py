@@ -117,6 +117,7 @@ def taylor_derivatives(
         got = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
         raise ValueError(f"{caller}: X must have shape (N, D); got {got}.")
     dims = _check_dims(laplacian_dims, X.shape[1], caller)
+    _check_fits(f, X, "X has", caller)
     _check_untied(f, caller)
     if params is not None and not isinstance(f, nn.Module):
         raise TypeError(f"{caller}: params need an nn.Module f; got {type(f).__name__}.")

@@ -108,6 +108,13 @@ class DifferentialOperator:
             got = f"{tuple(X.shape)} {X.dtype}" if isinstance(X, Tensor) else type(X)
             raise ValueError(f"{self.caller}: X must be a floating tensor of shape (N, D); "
                              f"got {got}.")
+        f = self.captured.f
+        if isinstance(f, nn.Module):
+            off = {t.device for t in (*f.parameters(), *f.buffers())} - {X.device}
+            if off:
+                raise ValueError(f"{self.caller}: X is on device {X.device} but the model's "
+                                 f"tensors are on {', '.join(sorted(map(str, off)))}; move one "
+                                 "of them.")
         plan = self.planner(X, self._generator(generator), self.return_gradient)
         return self._evaluate(X, plan)
 
@@ -286,11 +293,12 @@ def weighted_laplacian(f: nn.Module | Callable[[Tensor], Tensor],
         if signs is not None and signs.shape[0] != s.shape[-1]:
             raise ValueError(f"{caller}: signs must have shape ({s.shape[-1]},); "
                              f"got {tuple(signs.shape)}.")
-        return (s if s.dim() == 3 else s.expand(N, D, s.shape[-1])).to(X.dtype)  # (N, D, R)
+        # X's dtype and device: a constant sigma given on the CPU follows the points
+        return (s if s.dim() == 3 else s.expand(N, D, s.shape[-1])).to(X)  # (N, D, R)
 
     def planner(X, generator, gradient):
         s = sigma_of(X)
-        weights = None if signs is None else signs.to(X.dtype)
+        weights = None if signs is None else signs.to(X)
         if parsed is None:
             return _Plan(s.permute(2, 0, 1), weights, 1.0, gradient)
         distribution, S = parsed
