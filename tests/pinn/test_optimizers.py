@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.func import functional_call, hessian, jacrev, vmap
 
-from curvkit.pinn.engd import ENGD, LINE_SEARCH_GRID, HessianFree
+from curvkit.pinn.engd import ENGD, LINE_SEARCH_GRID, HessianFree, line_search
 from curvkit.pinn.problems import Derivatives, heat, mlp, poisson
 from curvkit.pinn.woodbury import SPRING, ENGDWoodbury
 
@@ -215,3 +215,12 @@ def test_bad_options_raise_at_construction():
         SPRING(model, problem, solver="nystrom", rank=3, seed="a")
     with pytest.raises(ValueError, match="ENGDWoodbury: solver 'nystrom' needs damping > 0"):
         ENGDWoodbury(model, problem, solver="nystrom", rank=3, damping=0.0)
+
+
+def test_line_search_takes_float_or_tensor_losses_alike():
+    # (x - 0.3)² along the direction 1 from 0: the best grid step is 2^-2 = 0.25
+    params, direction = [torch.zeros(1)], [torch.ones(1)]
+    as_tensor = lambda ps: (ps[0] - 0.3).square().sum()  # noqa: E731
+    as_float = lambda ps: float(as_tensor(ps))  # noqa: E731
+    for loss_fn in (as_tensor, as_float):
+        assert line_search(loss_fn, params, direction, 0.09, caller="t") == 0.25

@@ -176,9 +176,11 @@ def test_general_path_on_residual_mlp_matches_torch_func(case):
     r_moved, _ = _reference(model, problem, batch, dict(zip(names, moved)))
     line_search_loss = _loss_fn(model, problem, batch)  # one capture for every candidate
     expected = 0.5 * float(r_moved.square().sum())
-    assert line_search_loss(moved) == pytest.approx(expected, rel=1e-12)
+    assert float(line_search_loss(moved)) == pytest.approx(expected, rel=1e-12)
     current = [p.detach() for p in model.parameters()]
-    assert line_search_loss(current) == pytest.approx(0.5 * float(r_ref.square().sum()), rel=1e-12)
+    assert float(line_search_loss(current)) == pytest.approx(
+        0.5 * float(r_ref.square().sum()), rel=1e-12
+    )
     d_moved = taylor_derivatives(model, batch.interior, laplacian_dims=problem.laplacian_dims,
                                  params=dict(zip(names, moved)))
     moved_model = lambda Z: functional_call(model, dict(zip(names, moved)), (Z,))  # noqa: E731

@@ -37,38 +37,39 @@ __all__ = ["ENGD", "HessianFree", "LINE_SEARCH_GRID", "line_search"]
 LINE_SEARCH_GRID = tuple(2.0**k for k in range(0, -31, -1))
 
 
-def _loss_fn(model: nn.Module, problem: Problem, batch: Batch) -> Callable[[list[Tensor]], float]:
-    """``params -> ½‖r̃(params)‖²`` on a fixed batch, without building a graph.
+def _loss_fn(model: nn.Module, problem: Problem, batch: Batch) -> Callable[[list[Tensor]], Tensor]:
+    """``params -> ½‖r̃(params)‖²`` (a 0-d tensor) on a fixed batch, without building a graph.
 
     The forward-Laplacian fast path for supported MLPs, ``curvkit.taylor`` for any other model.
+    A tensor, not a float: the line search reads all its values at once (one device sync).
     """
     structure = mlp_structure(model)
     X_in, X_bd = batch
     if structure is not None:
         target = problem.boundary_target(X_bd)  # once, not at each of the 31 evaluations
 
-        def loss(params: list[Tensor]) -> float:
+        def loss(params: list[Tensor]) -> Tensor:
             with torch.no_grad():
                 d = mlp_derivatives(structure, params, X_in, problem.laplacian_dims)
                 r_in = problem.interior_residual(X_in, d)
                 u_bd = mlp_derivatives(structure, params, X_bd, None, order=0).value
                 r_bd = u_bd - target
-                return 0.5 * float(r_in.square().mean() + r_bd.square().mean())
+                return 0.5 * (r_in.square().mean() + r_bd.square().mean())
 
         return loss
 
     names = [k for k, v in model.named_parameters() if v.requires_grad]
     residual_at = residual_function(model, problem, batch, caller="line_search")
 
-    def loss(params: list[Tensor]) -> float:
+    def loss(params: list[Tensor]) -> Tensor:
         with torch.no_grad():
-            return 0.5 * float(residual_at(dict(zip(names, params))).square().sum())
+            return 0.5 * residual_at(dict(zip(names, params))).square().sum()
 
     return loss
 
 
 def line_search(
-    loss: Callable[[list[Tensor]], float],
+    loss: Callable[[list[Tensor]], float | Tensor],
     params: list[Tensor],
     direction: list[Tensor],
     current: float,
@@ -78,7 +79,8 @@ def line_search(
     """The step size on ``LINE_SEARCH_GRID`` with the lowest loss along ``direction``.
 
     Args:
-        loss: ``params -> loss`` on the step's batch.
+        loss: ``params -> loss`` on the step's batch, a float or a 0-d tensor (tensors are read
+            together after every candidate ran: on a GPU one sync instead of one each).
         params: Current parameters (not modified).
         direction: Update direction, shaped like ``params``.
         current: The loss at ``params``.
@@ -87,9 +89,12 @@ def line_search(
     Returns:
         The best step size, or ``0.0`` (with a ``RuntimeWarning``) if no step lowers the loss.
     """
+    values = [loss([p + eta * d for p, d in zip(params, direction)]) for eta in LINE_SEARCH_GRID]
+    if all(isinstance(v, Tensor) for v in values):
+        values = torch.stack([v.reshape(()) for v in values]).tolist()
     best, best_eta = current, 0.0
-    for eta in LINE_SEARCH_GRID:
-        value = loss([p + eta * d for p, d in zip(params, direction)])
+    for eta, value in zip(LINE_SEARCH_GRID, values):
+        value = float(value)
         if value < best:  # NaN never compares smaller, so diverging steps are skipped
             best, best_eta = value, eta
     if best_eta == 0.0:
