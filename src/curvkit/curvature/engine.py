@@ -392,7 +392,7 @@ class DataEngine:
 
     def reduce_over_data(self, fn: Callable[[Batch], list[Tensor]], *,
                          desc: str | None = None, math_sdpa: bool = True,
-                         owned: bool = False) -> list[Tensor]:
+                         owned: bool = False, normalise: bool = True) -> list[Tensor]:
         """Sum ``fn(batch)`` over batches and ranks and normalise by the loss reduction.
 
         Args:
@@ -403,6 +403,10 @@ class DataEngine:
                 fast attention kernels.
             owned: ``fn`` returns new tensors that nothing else refers to: sum and scale them
                 in place (no copies of large factors).
+            normalise: Multiply by ``1/T`` (mean) here; ``False`` returns the plain sums (``T``
+                is still counted: ``loss_scale()`` gives the factor) for callers that scale
+                only some parts, sparing a pass over the others (KFAC's input factors are
+                divided by their own count anyway).
 
         Returns:
             The summed tensors times ``1/T`` (mean) or 1 (sum); ``T`` is counted in the same pass.
@@ -436,7 +440,7 @@ class DataEngine:
         if self.loss is not None:
             self._set_num_terms(count, counted=True)
         scale = self.loss_scale() if self.loss is not None else 1.0
-        if scale == 1.0:
+        if scale == 1.0 or not normalise:
             return totals
         return [t.mul_(scale) for t in totals] if owned else [t * scale for t in totals]
 

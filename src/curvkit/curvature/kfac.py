@@ -235,8 +235,10 @@ class KFAC(LinearOperator):
                 parts += [self._other_factor(U[n]) for n in fp.others]
             return parts
 
-        totals = fp.reduce(per_batch, desc=f"{type(self).__name__} factors")
-        self._store(fp, totals)
+        # Plain sums: ``_store`` scales what needs ``1/T`` and divides the input factors by
+        # their own counts (one pass over each factor, not two).
+        totals = fp.reduce(per_batch, desc=f"{type(self).__name__} factors", normalise=False)
+        self._store(fp, totals, fp.engine.loss_scale())
         return self
 
     def _input_factor(self, fp: FactorPass, plan: LayerPlan, batch) -> list[Tensor]:
@@ -306,7 +308,16 @@ class KFAC(LinearOperator):
         flat = U.reshape(-1, U.shape[-1])
         return (flat * flat).sum(0) if self.other == "diagonal" else flat.T @ flat
 
-    def _store(self, fp: FactorPass, totals: list[Tensor]) -> None:
+    def _store(self, fp: FactorPass, totals: list[Tensor], scale: float) -> None:
+        """Factors from the pass's plain sums.
+
+        ``scale`` (``1/T`` or 1) normalises the Grams of backpropagated vectors; the input
+        factors are means over their own rows.
+        """
+
+        def scaled(t: Tensor) -> Tensor:
+            return t if scale == 1.0 else t.mul_(scale)
+
         self.specs = [LayerSpec.of(p) for p in fp.layers]
         self.others = list(fp.others)
         self._shared_paths = fp.shared_paths
@@ -319,10 +330,11 @@ class KFAC(LinearOperator):
                     raise ValueError(f"KFAC: layer {spec.path!r} has no input of nonzero weight "
                                      "in the data (the example weights sum to 0); its input "
                                      "factor is undefined.")
-                A = A_sum.div_(count)  # A_sum is the pass's own tensor
-                # One sum per factor (a NaN or inf anywhere makes it non-finite) instead of an
-                # elementwise test of every entry.
-                if not (A.sum() + G.sum()).isfinite():
+                A, G = A_sum.div_(count), scaled(G)  # the pass's own tensors
+                # Both are Grams (PSD): |X_ij| <= sqrt(X_ii X_jj) bounds every entry by the
+                # diagonal, and a NaN or inf in the vectors reaches the diagonal, so the
+                # diagonal's sum tells whether the whole factor is finite (d, not d², reads).
+                if not (_diagonal_sum(A) + _diagonal_sum(G)).isfinite():
                     raise ValueError(f"KFAC: the factors of layer {spec.path!r} are not finite; "
                                      "the data, the model's outputs or the loss hold NaN or inf.")
                 if self.fisher == "forward_only":
@@ -331,10 +343,10 @@ class KFAC(LinearOperator):
                         A.shape[0], d_out, d_out).clone()
                 self.factors[spec.path] = {"A": A, "G": G}
             else:
-                self.factors[spec.path] = {r: next(it) for r in
+                self.factors[spec.path] = {r: scaled(next(it)) for r in
                                            (("joint",) if spec.joint else plan.roles)}
         for name in self.others:
-            self.factors[name] = {self.other: next(it)}
+            self.factors[name] = {self.other: scaled(next(it))}
         self._build()
 
     def _d_out(self, module: nn.Module, spec: LayerSpec, groups: int) -> int:
@@ -584,3 +596,7 @@ class KFAC(LinearOperator):
         d_in = weight[0].numel() + spec.joint  # Linear (d_out, d_in), Conv (C_out, C_in/g, *k)
         return {"A": (groups, d_in, d_in), "G": (groups, d_out, d_out)}
 
+
+def _diagonal_sum(X: Tensor) -> Tensor:
+    """Sum of the diagonals of ``X: (..., d, d)``; a factor placeholder ``(1,)`` as it is."""
+    return X.diagonal(dim1=-2, dim2=-1).sum() if X.ndim >= 2 else X.sum()

@@ -210,7 +210,7 @@ class FactorPass:
         self.params = {n: p.detach().requires_grad_(True) for n, p in engine.params.items()}
 
     # ------------------------------------------------------------------ the loop
-    def reduce(self, fn, *, desc: str) -> list[Tensor]:
+    def reduce(self, fn, *, desc: str, normalise: bool = True) -> list[Tensor]:
         """Sum ``fn(batch)`` over batches and ranks, times ``1/T`` (mean) or 1 (sum).
 
         ``fn`` must return new tensors (they are summed and scaled in place).
@@ -218,7 +218,8 @@ class FactorPass:
         KFAC differentiates once, so it keeps PyTorch's fast attention kernels
         (``math_sdpa=False``); ``T``, the number of loss terms, is counted in the same pass.
         """
-        return self.engine.reduce_over_data(fn, desc=desc, math_sdpa=False, owned=True)
+        return self.engine.reduce_over_data(fn, desc=desc, math_sdpa=False, owned=True,
+                                            normalise=normalise)
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, plan: LayerPlan):
