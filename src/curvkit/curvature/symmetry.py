@@ -70,7 +70,11 @@ Group = Literal["identity", "perm", "sign", "signed_perm", "orthogonal"]
 GROUPS: tuple[str, ...] = ("identity", "perm", "sign", "signed_perm", "orthogonal")
 
 
-def _check_groups(shape: Sequence[int], groups: Sequence[str], caller: str) -> tuple[str, ...]:
+def _check_groups(shape: Sequence[int], groups: Sequence[str], caller: str, *,
+                  operator: bool = True) -> tuple[str, ...]:
+    if isinstance(groups, str):  # tuple("sign") would be ('s', 'i', 'g', 'n')
+        raise ValueError(f"{caller}: groups must be a sequence of one group name per axis, e.g. "
+                         f"({groups!r},); got the string {groups!r}.")
     shape, groups = tuple(shape), tuple(groups)
     if len(shape) not in (1, 2):
         raise ValueError(f"{caller}: parameter blocks must be vectors or matrices (reshape "
@@ -84,6 +88,11 @@ def _check_groups(shape: Sequence[int], groups: Sequence[str], caller: str) -> t
                              "or 'identity' for that axis.")
         if g not in GROUPS:
             raise ValueError(f"{caller}: unknown group {g!r}; expected one of {GROUPS}.")
+    for a, (h, g) in enumerate(zip(shape, groups)):
+        # an operator's factors need a coordinate per label (orbit_mean of an empty x is empty)
+        if operator and h == 0 and g != "identity":
+            raise ValueError(f"{caller}: axis {a} of shape {shape} has size 0; a group acts "
+                             f"only on a non-empty axis, so use 'identity' there; got {g!r}.")
     return groups
 
 
@@ -114,6 +123,13 @@ def _labels(group: str, h: int) -> tuple[int, list[tuple[int, int, int]] | None]
     if group == "sign":
         return h, None
     return 1, [(0, h, 0)]
+
+
+def _factor_shape(shape: Sequence[int], groups: Sequence[str]) -> tuple[int, ...]:
+    """Shape ``(t_1, ..., t_r, f, f)`` of the factors for checked ``shape`` and ``groups``."""
+    counts = [_labels(g, h)[0] for h, g in zip(shape, groups) if g != "identity"]
+    f = math.prod(h for h, g in zip(shape, groups) if g == "identity")
+    return (*counts, f, f)
 
 
 def _label_index(group: str, h: int, device) -> Tensor:
@@ -162,7 +178,7 @@ class SymmetryAveraged(LinearOperator):
         self.free = tuple(a for a, g in enumerate(groups) if g == "identity")
         self.f = math.prod(shape[a] for a in self.free)
         self.counts = tuple(_labels(groups[a], shape[a])[0] for a in self.acted)
-        expected = (*self.counts, self.f, self.f)
+        expected = _factor_shape(shape, groups)
         if not isinstance(factors, Tensor) or tuple(factors.shape) != expected:
             got = tuple(factors.shape) if isinstance(factors, Tensor) else type(factors).__name__
             raise ValueError(f"{caller}: factors for shape {shape} and groups {groups} must "
@@ -196,9 +212,15 @@ class SymmetryAveraged(LinearOperator):
         shape = tuple(samples.shape[1:])
         groups = _check_groups(shape, groups, caller)
         if weights is not None:
-            if weights.shape != samples.shape[:1] or (weights < 0).any():
-                raise ValueError(f"{caller}: weights must be non-negative of shape "
-                                 f"({samples.shape[0]},); got {tuple(weights.shape)}.")
+            if not isinstance(weights, Tensor) or weights.shape != samples.shape[:1]:
+                got = (tuple(weights.shape) if isinstance(weights, Tensor)
+                       else type(weights).__name__)
+                raise ValueError(f"{caller}: weights must be a tensor of shape "
+                                 f"({samples.shape[0]},); got {got}.")
+            # nan or inf weights would silently give nan/inf factors
+            if weights.numel() and not (torch.isfinite(weights).all() and (weights >= 0).all()):
+                raise ValueError(f"{caller}: weights must be non-negative and finite; got min "
+                                 f"{weights.min().item():g}, max {weights.max().item():g}.")
             samples = samples * weights.sqrt().reshape(-1, *[1] * len(shape))
         V = _rotate(_canonical(samples, shape, groups), shape, groups)  # (k, *acted, f)
         factors = _label_sums(V, shape, groups)
@@ -232,8 +254,9 @@ class SymmetryAveraged(LinearOperator):
         # Rotate both sides; the commutant only sees the c = c' "diagonal" blocks.
         left = _rotate(_canonical(M.T.reshape(n, *shape), shape, groups), shape,
                        groups)  # (n, *acted, f): columns of M rotated on the left
-        left = left.reshape(n, -1).T.reshape(-1, n)  # (acted·f, n)
-        both = _rotate(_canonical(left.reshape(-1, *shape), shape, groups), shape,
+        # explicit sizes (acted·f = n): -1 is ambiguous for a zero-size parameter
+        left = left.reshape(n, n).T  # (acted·f, n)
+        both = _rotate(_canonical(left.reshape(n, *shape), shape, groups), shape,
                        groups)  # (acted·f, *acted, f)
         acted = [shape[a] for a in (a for a, g in enumerate(groups) if g != "identity")]
         f = both.shape[-1]
@@ -275,11 +298,14 @@ class SymmetryAveraged(LinearOperator):
     # ------------------------------------------------------------------ structure
     def label_multiplicities(self) -> Tensor:
         """``tr P_ℓ`` for every label tuple, shape ``(t_1, ..., t_r)``."""
-        mult = torch.ones((), dtype=self.dtype, device=self.device)
+        return self._multiplicities(self.dtype)
+
+    def _multiplicities(self, dtype: torch.dtype) -> Tensor:
+        mult = torch.ones((), dtype=dtype, device=self.device)
         for a in self.acted:
             t, segments = _labels(self.groups[a], self.param_shape[a])
-            sizes = (torch.ones(t, dtype=self.dtype, device=self.device) if segments is None else
-                     torch.tensor([e - s for s, e, _ in segments], dtype=self.dtype,
+            sizes = (torch.ones(t, dtype=dtype, device=self.device) if segments is None else
+                     torch.tensor([e - s for s, e, _ in segments], dtype=dtype,
                                   device=self.device))
             mult = mult[..., None] * sizes
         return mult
@@ -303,9 +329,10 @@ class SymmetryAveraged(LinearOperator):
         Returns:
             A new operator with the same groups.
         """
-        evals, evecs = torch.linalg.eigh(self.factors)
+        evals, evecs = torch.linalg.eigh(_solvable(self.factors))
         new = (evecs * fn(evals)[..., None, :]) @ evecs.mT
-        return SymmetryAveraged(self.param_shape, self.groups, 0.5 * (new + new.mT))
+        return SymmetryAveraged(self.param_shape, self.groups,
+                                (0.5 * (new + new.mT)).to(self.dtype))
 
     def pow(self, p: float, *, damping: float = 0.0) -> SymmetryAveraged:
         """``(S + damping·I)^p`` factor by factor (one batched ``eigh``).
@@ -327,7 +354,11 @@ class SymmetryAveraged(LinearOperator):
         return self.map_factors(lambda s: _spectral_pow(s + damping, p, "SymmetryAveraged.pow"))
 
     def inverse(self, damping: float = 0.0, **_) -> SymmetryAveraged:
-        """Exact ``(S + damping·I)^{-1}``: ``Σ_ℓ P_ℓ ⊗ (F_ℓ + λI)^{-1}`` (batched Cholesky).
+        """Exact ``(S + damping·I)^{-1}``: ``Σ_ℓ P_ℓ ⊗ (F_ℓ + λI)^{-1}``.
+
+        Batched Cholesky for a PSD operator (``from_samples``); batched LU otherwise (e.g. the
+        projection of an indefinite Hessian by ``from_matrix``, which is invertible but has no
+        Cholesky factor).
 
         Args:
             damping: Non-negative ``λ``.
@@ -338,12 +369,18 @@ class SymmetryAveraged(LinearOperator):
         from curvkit.linalg.structured import _check_damping
 
         damping = _check_damping(damping, "SymmetryAveraged.inverse")
-        eye = torch.eye(self.f, dtype=self.dtype, device=self.device)
-        L, info = torch.linalg.cholesky_ex(self.factors + damping * eye)
+        F = _solvable(self.factors)
+        F = F + damping * torch.eye(self.f, dtype=F.dtype, device=F.device)
+        if not self.is_psd:
+            inv = torch.linalg.inv(F)
+            return SymmetryAveraged(self.param_shape, self.groups,
+                                    (0.5 * (inv + inv.mT)).to(self.dtype))
+        L, info = torch.linalg.cholesky_ex(F)
         if info.any():
             raise torch.linalg.LinAlgError("SymmetryAveraged.inverse: a factor is not positive "
                                            "definite; add damping.")
-        return SymmetryAveraged(self.param_shape, self.groups, torch.cholesky_inverse(L))
+        return SymmetryAveraged(self.param_shape, self.groups,
+                                torch.cholesky_inverse(L).to(self.dtype))
 
     def trace(self) -> Tensor:
         """Exact trace: ``Σ_ℓ tr(P_ℓ) · tr F_ℓ``."""
@@ -351,18 +388,35 @@ class SymmetryAveraged(LinearOperator):
                                                              ).sum(-1)).sum()
 
     def logdet(self) -> Tensor:
-        """Exact log-determinant: ``Σ_ℓ tr(P_ℓ) · log det F_ℓ``."""
-        return (self.label_multiplicities() * torch.logdet(self.factors)).sum()
+        """Exact log-determinant: ``Σ_ℓ tr(P_ℓ) · log |det F_ℓ|``.
+
+        As ``torch.logdet`` of the dense matrix: ``nan`` for a negative and ``-inf`` for a zero
+        determinant.
+        """
+        sign, logabs = torch.linalg.slogdet(_solvable(self.factors))
+        mult = self._multiplicities(logabs.dtype)
+        # det S = Π_ℓ det(F_ℓ)^{tr P_ℓ}: a negative det F_ℓ flips the sign only to an odd power
+        flips = ((sign < 0) & (mult % 2 == 1)).sum() % 2 == 1
+        total = (mult * logabs).sum()
+        total = torch.where(flips, torch.full_like(total, math.nan), total)
+        total = torch.where((sign == 0).any(), torch.full_like(total, -math.inf), total)
+        return total.to(self.dtype)
 
 
 # --------------------------------------------------------------------------- layout helpers
+def _solvable(F: Tensor) -> Tensor:
+    """``F`` in a dtype that ``eigh``/``cholesky``/``slogdet`` accept (float32 for half types)."""
+    return F.float() if F.dtype in (torch.float16, torch.bfloat16) else F
+
+
 def _canonical(T: Tensor, shape, groups) -> Tensor:
     """``(k, *shape)`` → ``(k, *acted, f)``: acted axes first (in order), free axes flattened."""
     acted = [a for a, g in enumerate(groups) if g != "identity"]
     free = [a for a, g in enumerate(groups) if g == "identity"]
     k = T.shape[0]
     T = T.permute(0, *[a + 1 for a in acted + free])
-    return T.reshape(k, *[shape[a] for a in acted], -1)
+    # the free size explicitly: -1 is ambiguous when k == 0
+    return T.reshape(k, *[shape[a] for a in acted], math.prod(shape[a] for a in free))
 
 
 def _uncanonical(T: Tensor, shape, groups) -> Tensor:
@@ -436,15 +490,16 @@ def orbit_mean(x: Tensor, *, groups: Sequence[str]) -> Tensor:
     Returns:
         Tensor shaped like ``x``.
     """
-    groups = _check_groups(x.shape, groups, "orbit_mean")
+    groups = _check_groups(x.shape, groups, "orbit_mean", operator=False)
     out = x
     for a, g in enumerate(groups):
         if g == "identity":
             continue
         if g != "perm":
             return torch.zeros_like(x)
-        out = out.mean(a, keepdim=True).expand_as(x)
-    return out
+        out = out.mean(a, keepdim=True)
+    # a new, writable tensor: neither ``x`` itself nor a broadcast view of the means
+    return out.expand_as(x).clone(memory_format=torch.contiguous_format)
 
 
 def symmetry_block_diagonal(samples: Sequence[Tensor], *, groups: Sequence[Sequence[str]]

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from curvkit.curvature.symmetry import GROUPS, SymmetryAveraged
+from curvkit.curvature.symmetry import GROUPS, SymmetryAveraged, _factor_shape
 from curvkit.optim._common import (
     CurvkitOptimizer,
     check_betas,
@@ -61,7 +61,13 @@ def auto_groups(shape: tuple[int, ...]) -> tuple[str, ...]:
 
     Returns:
         One group name per axis.
+
+    Raises:
+        ValueError: For a shape that is neither a vector nor a matrix.
     """
+    if len(shape) not in (1, 2):  # shape[0] / shape[1] below would misread any other shape
+        raise ValueError(f"auto_groups: expected a working shape (n,) or (m, n); got "
+                         f"{tuple(shape)}.")
     if len(shape) == 1:
         return ("sign",)
     return ("orthogonal", "identity") if shape[0] >= shape[1] else ("identity", "orthogonal")
@@ -84,7 +90,11 @@ def symo_direction(M: Tensor, factors: SymmetryAveraged, *, damping: float) -> T
 
     Returns:
         Tensor shaped like ``M``.
+
+    Raises:
+        ValueError: If ``damping`` is not positive (zero gives inf, negative nan).
     """
+    check_range("symo_direction", "damping", damping, 0.0, low_open=True)
     root = _inverse_root(factors, damping)
     return (root @ M.reshape(-1)).reshape(M.shape)
 
@@ -166,15 +176,17 @@ class Symo(CurvkitOptimizer):
                                  f"callable; got {spec!r}.")
             names = auto_groups(shape)
         elif callable(spec):
-            names = tuple(spec(shape))
+            names = spec(shape)
+            if isinstance(names, str):  # tuple("sign") would be ('s', 'i', 'g', 'n')
+                raise ValueError(f"{self._name}: the groups callable must return a sequence of "
+                                 f"names for working shape {shape}; got the string {names!r}.")
+            names = tuple(names)
         else:
             names = tuple(spec)
         if len(names) != len(shape) or any(n not in GROUPS for n in names):
             raise ValueError(f"{self._name}: groups for working shape {shape} must be "
                              f"{len(shape)} names from {GROUPS}; got {names}.")
         return names
-
-
 
     def _update_param(self, p: Tensor, group: dict[str, Any], index: int) -> None:
         wd = working_dtype(p)
@@ -189,6 +201,15 @@ class Symo(CurvkitOptimizer):
             state["exp_avg"] = torch.zeros(shape, dtype=sd, device=p.device)
             state["factors"] = empty.factors.to(device=p.device, dtype=sd)
             state["root"] = torch.zeros_like(state["factors"])
+        expected = _factor_shape(shape, names)
+        if tuple(state["factors"].shape) != expected:
+            # state of other groups (another state dict, a changed groups callable) would be
+            # broadcast silently into this statistic, or fail with a bare size mismatch
+            raise ValueError(f"{self._name}.step: the state of a parameter of shape "
+                             f"{tuple(p.shape)} holds factors of shape "
+                             f"{tuple(state['factors'].shape)}, but its groups {names} on "
+                             f"working shape {shape} expected {expected}; was the state saved "
+                             "with other groups?")
         t = state["step"] + 1
         gen = step_generator(group["seed"], index, state["step"]) if sd == torch.bfloat16 else None
         beta1, beta2 = group["betas"]
