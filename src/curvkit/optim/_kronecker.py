@@ -190,10 +190,14 @@ class KroneckerOptimizer(CurvkitOptimizer):
         p.add_(update.reshape(p.shape).to(p.dtype), alpha=-lr)
 
     def _adam_block(self, G: Tensor, block: dict, ctx: _Context) -> Tensor:
-        """Parameters without a preconditioned axis (biases, gains, vectors) get Adam."""
+        """Parameters without a preconditioned axis (biases, gains, vectors) get Adam.
+
+        A group's ``bias_correction`` option (SOAP's) applies to them too.
+        """
         direction, m, v = adam_direction(
             G, ctx.load(block, "exp_avg"), ctx.load(block, "exp_avg_sq"), step=ctx.step + 1,
-            betas=ctx.group["betas"], eps=ctx.group["eps"])
+            betas=ctx.group["betas"], eps=ctx.group["eps"],
+            bias_correction=ctx.group.get("bias_correction", True))
         ctx.save(block, "exp_avg", m)
         ctx.save(block, "exp_avg_sq", v)
         return direction

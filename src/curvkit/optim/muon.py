@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from curvkit.optim._common import (
     CurvkitOptimizer,
     adam_direction,
-    check_betas,
     check_choice,
     check_int,
     check_range,
@@ -59,7 +58,9 @@ def newton_schulz(Y: Tensor, *, steps: int = 5, coefficients: tuple[float, float
     tall = X.shape[0] > X.shape[1]
     if tall:
         X = X.T
-    X = X / (torch.linalg.vector_norm(X) + eps)
+    scale = torch.linalg.vector_norm(X) + eps
+    # a zero denominator means Y = 0 with eps = 0: divide by 1 (0 ↦ 0) instead of making nan
+    X = X / torch.where(scale == 0, torch.ones_like(scale), scale)
     for _ in range(steps):
         A = X @ X.T
         X = a * X + (b * A + c * (A @ A)) @ X
@@ -93,6 +94,10 @@ def muon_param_groups(model: nn.Module, *, head: nn.Module | str | None = None,
     elif head is None:
         linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
         head = linears[-1] if linears else None
+    elif not any(m is head for m in modules.values()):
+        # a module outside the model (e.g. a copy) would silently leave the real head to Muon
+        raise ValueError(f"muon_param_groups: head {type(head).__name__} is not a module of the "
+                         "model (pass the model's own module or its name).")
     adamw_ids = set()
     for m in modules.values():
         if isinstance(m, nn.Embedding) or m is head:
@@ -161,22 +166,38 @@ class Muon(CurvkitOptimizer):
         name = self._name
         check_range(name, "lr", lr, 0.0)
         check_range(name, "momentum", momentum, 0.0, 1.0)
+        if not isinstance(nesterov, bool):
+            raise TypeError(f"{name}: nesterov must be a bool; got {nesterov!r}.")
         check_int(name, "ns_steps", ns_steps, 1)
+        if not isinstance(ns_coefficients, (tuple, list)) or any(
+                isinstance(x, bool) or not isinstance(x, (int, float)) for x in ns_coefficients):
+            raise TypeError(f"{name}: ns_coefficients must be three real numbers (a, b, c); "
+                            f"got {ns_coefficients!r}.")
         if len(ns_coefficients) != 3:
-            raise ValueError(f"{name}: ns_coefficients must be (a, b, c); got {ns_coefficients}.")
+            raise ValueError(f"{name}: ns_coefficients must be three real numbers (a, b, c); "
+                             f"got {len(ns_coefficients)} values {tuple(ns_coefficients)}.")
         check_range(name, "eps", eps, 0.0)
         check_range(name, "weight_decay", weight_decay, 0.0)
         check_choice(name, "adjust_lr", adjust_lr, ("original", "match_rms_adamw"))
         check_range(name, "adamw_lr", adamw_lr, 0.0)
-        check_betas(name, adamw_betas)
+        # check_betas would name the option "betas", which Muon does not have
+        if not isinstance(adamw_betas, (tuple, list)) or len(adamw_betas) != 2:
+            raise TypeError(f"{name}: adamw_betas must be a pair (beta1, beta2); "
+                            f"got {adamw_betas!r}.")
+        check_range(name, "adamw_betas[0]", adamw_betas[0], 0.0, 1.0)
+        check_range(name, "adamw_betas[1]", adamw_betas[1], 0.0, 1.0)
         check_range(name, "adamw_eps", adamw_eps, 0.0)
         check_range(name, "adamw_weight_decay", adamw_weight_decay, 0.0)
         check_choice(name, "use_muon", use_muon, (None, True, False))
         check_state_dtype(name, state_dtype)
-        check_state_dtype(name, ns_dtype)
+        if ns_dtype is not None and (not isinstance(ns_dtype, torch.dtype)
+                                     or not ns_dtype.is_floating_point):
+            # (check_state_dtype would name the option "state_dtype")
+            raise TypeError(f"{name}: ns_dtype must be None or a floating torch.dtype; "
+                            f"got {ns_dtype!r}.")
         check_choice(name, "nonfinite", nonfinite, ("raise", "skip"))
         check_int(name, "seed", seed, 0)
-        defaults = dict(lr=lr, momentum=momentum, nesterov=bool(nesterov), ns_steps=ns_steps,
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         ns_coefficients=tuple(ns_coefficients), ns_dtype=ns_dtype, eps=eps,
                         weight_decay=weight_decay, adjust_lr=adjust_lr, adamw_lr=adamw_lr,
                         adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
@@ -185,7 +206,9 @@ class Muon(CurvkitOptimizer):
         super().__init__(params, defaults)
 
     def _check_param(self, p: Tensor, group: dict[str, Any]) -> None:
-        # every group, including those added later by add_param_group
+        # every group, including those added later by add_param_group; a group's own use_muon
+        # is only truth-tested later, so a stray value ("yes", "auto") would pass silently
+        check_choice(self._name, "use_muon", group["use_muon"], (None, True, False))
         if group["use_muon"] and p.dim() < 2:
             raise ValueError(f"{self._name}: use_muon=True needs parameters with >= 2 "
                              f"dimensions; got shape {tuple(p.shape)}.")

@@ -124,7 +124,10 @@ class SOAP(KroneckerOptimizer):
             orthogonality_tolerance=orthogonality_tolerance, seed=seed)
         if shampoo_beta is not None:
             check_range(self._name, "shampoo_beta", shampoo_beta, 0.0, 1.0)
-        defaults.update(shampoo_beta=shampoo_beta, bias_correction=bool(bias_correction))
+        if not isinstance(bias_correction, bool):  # bool("false") would be True
+            raise TypeError(f"{self._name}: bias_correction must be a bool; "
+                            f"got {bias_correction!r}.")
+        defaults.update(shampoo_beta=shampoo_beta, bias_correction=bias_correction)
         super().__init__(params, defaults)
 
     def _init_block(self, shape, axes, group, dtype, device):

@@ -425,6 +425,15 @@ class SpectralShampoo(KroneckerOptimizer):
         # Targets in the current bases, averaged over `update_frequency` steps (the bases do
         # not move in between, so the average is exact) before one Riemannian step.
         if kl:
+            if "log_c" not in block:
+                # the factors were started from caller targets (independent form, no c): move
+                # their scale into c, keeping S = c S_a ⊗ S_b, so that Σ log d_k = 0 as KL needs
+                # (stored at once: this step may not be a factor update)
+                log_scale = {k: d[k].log().mean() for k in ctx.axes}
+                for k in ctx.axes:
+                    d[k] = d[k] / log_scale[k].exp()
+                    block[f"d{k}"] = d[k].to(block[f"d{k}"].dtype)
+                block["log_c"] = (log_scale[0] + log_scale[1]).to(block["d0"].dtype)
             log_c = self._exact(block, "log_c", ctx)
             Ca, Cb, w = kl_targets(B[0], d[0], B[1], d[1], log_c, G)
             targets = {0: Ca, 1: Cb, "w": w}
