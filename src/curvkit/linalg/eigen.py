@@ -157,8 +157,10 @@ class SymmetricEigen(LinearOperator):
         return self.eigenvalues, self.Q
 
     def pow(self, p):
-        c = (
-            _spectral_pow(torch.tensor(self.complement), p, "SymmetricEigen.pow").item()
+        c = (  # a float64 scalar: torch.tensor(float) would round the complement to float32
+            _spectral_pow(
+                torch.tensor(self.complement, dtype=torch.float64), p, "SymmetricEigen.pow"
+            ).item()
             if self.rank < self.shape[0]
             else 0.0
         )

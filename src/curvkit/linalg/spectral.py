@@ -238,16 +238,25 @@ def eigsh(
     )
     AX = A._matmat(X)
     used = p
+    # Largest |Ritz value| seen so far, a lower bound on ‖A‖ that only grows. The residual
+    # test is relative to it, not to the kept Ritz values: for "SA" on a singular operator
+    # those are all at rounding level, and no residual would ever pass.
+    scale = torch.tensor(torch.finfo(A.dtype).tiny, dtype=A.dtype, device=A.device)
+    # The random start block is no Krylov space: when an eigenvalue's multiplicity exceeds
+    # n - p it holds exact eigenvectors, whose zero residuals say nothing about which pairs are
+    # wanted (for "LM", or for a multiple eigenvalue it only partly contains). Convergence is
+    # therefore only accepted once the block has been extended at least once.
+    extended = False
     while True:
         # Rayleigh–Ritz on span{X, K_1, ..., K_b}: K_1 from the residuals, K_{j+1} = A K_j.
         H = X.T @ AX
         theta, S = torch.linalg.eigh((H + H.T) / 2)
+        scale = torch.maximum(scale, theta.abs().max())
         sel = _order(theta, which)[:p]
         theta, X, AX = theta[sel], X @ S[:, sel], AX @ S[:, sel]
         R = AX - X * theta
-        scale = theta.abs().max().clamp_min(torch.finfo(A.dtype).tiny)
         res = R[:, :k].norm(dim=0)
-        if bool((res <= tol * scale).all()) or X.shape[1] == n:
+        if (extended and bool((res <= tol * scale).all())) or X.shape[1] == n:
             break
         if used >= budget:
             msg = (
@@ -263,9 +272,12 @@ def eigsh(
         for _ in range(num_blocks):
             B = torch.cat(basis, 1)
             K = orthonormalize(block, against=B)
-            # Keep only directions that survive re-orthogonalisation (drop rank deficiency).
-            K = orthonormalize(K - B @ (B.T @ K))
-            K = K[:, K.norm(dim=0) > 0.5]
+            # QR of a rank-deficient block still returns unit columns, some (partly) inside
+            # range(B): for a zero block, the same unit vectors every time. Project once more
+            # and keep only the directions that retain most of their norm (a column-norm test
+            # cannot see two columns whose difference lies in range(B); singular values can).
+            U, sv, _ = torch.linalg.svd(K - B @ (B.T @ K), full_matrices=False)
+            K = U[:, sv > 0.5]
             if K.shape[1] == 0 or B.shape[1] + K.shape[1] > n:
                 K = K[:, : max(0, n - B.shape[1])]
                 if K.shape[1] == 0:
@@ -276,6 +288,7 @@ def eigsh(
             A_basis.append(AK)
             block = AK
         X, AX = torch.cat(basis, 1), torch.cat(A_basis, 1)
+        extended = True
     return theta[:k], X[:, :k]
 
 
@@ -309,6 +322,11 @@ def power_iteration(
     n = require_symmetric(A, caller)
     max_iter = positive_int(max_iter, "max_iter", caller)
     check_on_failure(on_failure, caller)
+    # A NaN or negative tol (or v0 below) would otherwise surface as a ConvergenceError that
+    # blames close eigenvalues.
+    tol = float(tol)
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"power_iteration: tol must be a finite number >= 0; got {tol}.")
     if v0 is None:
         v0 = probes(
             n,
@@ -323,6 +341,15 @@ def power_iteration(
         raise ValueError(
             f"power_iteration: v0 must have shape ({n},); got {tuple(getattr(v0, 'shape', ()))}."
         )
+    elif v0.dtype != A.dtype or v0.device != A.device:
+        raise TypeError(
+            f"power_iteration: v0 must have dtype {A.dtype} on {A.device}; got {v0.dtype} on "
+            f"{v0.device}."
+        )
+    elif not bool(torch.isfinite(v0).all()):
+        raise ValueError("power_iteration: v0 has non-finite entries (NaN or inf).")
+    elif not bool(v0.norm() > 0):
+        raise ValueError("power_iteration: v0 is zero.")
     v = v0 / v0.norm()
     Av = A @ v
     theta = v @ Av
@@ -446,7 +473,11 @@ def spectral_density(
         nodes = theta
     live = weights > 0
     lo, hi = nodes[live].min().item(), nodes[live].max().item()
-    width = hi - lo if hi > lo else max(abs(hi), 1.0)
+    # A single eigenvalue (c·I in a rotated basis) gives Ritz values that differ by rounding
+    # only: a kernel that narrow cannot be resolved by a grid in this dtype (the density would
+    # not integrate to one), so such a spread counts as a point mass, like hi == lo.
+    resolvable = math.sqrt(torch.finfo(A.dtype).eps) * max(abs(lo), abs(hi))
+    width = hi - lo if hi - lo > resolvable else max(abs(hi), 1.0)
     sigma = kernel_width * width
     u = torch.linspace(lo - 6 * sigma, hi + 6 * sigma, num_points, dtype=A.dtype, device=A.device)
     kernel = torch.exp(-0.5 * ((u[:, None, None] - nodes[None]) / sigma) ** 2)
