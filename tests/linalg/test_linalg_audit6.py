@@ -124,3 +124,17 @@ def test_symmetric_eigen_pow_keeps_the_complement_in_float64():
     torch.testing.assert_close(op.pow(-1).to_dense(), torch.linalg.inv(ref), rtol=1e-12, atol=0)
     half = op.pow(0.5).to_dense()
     torch.testing.assert_close(half @ half, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_integer_options_take_numpy_integers_and_generators_are_checked():
+    import numpy as np
+
+    import curvkit.linalg as la
+
+    A = la.Dense(torch.eye(6, dtype=torch.float64), symmetric=True)
+    est = la.trace(A, method="hutchinson", num_matvecs=np.int64(4),
+                   generator=torch.Generator().manual_seed(0))
+    assert float(est) == pytest.approx(6.0)  # Rademacher probes: exact for the identity
+    with pytest.raises(TypeError, match=r"trace: generator must be a torch.Generator or None; "
+                       r"got int"):
+        la.trace(A, method="hutchinson", num_matvecs=4, generator=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
@@ -54,9 +55,10 @@ def lookup(registry: Mapping[str, T], key: str, what: str, caller: str) -> T:
 
 def positive_int(value, name: str, caller: str, *, minimum: int = 1) -> int:
     """Validate an integer option ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    # numbers.Integral: NumPy integers (e.g. from a config array) are integers too
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{caller}: {name} must be an integer >= {minimum}; got {value!r}.")
-    return value
+    return int(value)
 
 
 def check_on_failure(value, caller: str) -> None:
@@ -99,6 +101,10 @@ def probes(
     They are drawn on the generator's device (CPU for the default generator) and moved to
     ``device``, so that a CPU generator gives the same probes on every device.
     """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{caller}: generator must be a torch.Generator or None; got "
+                        f"{type(generator).__name__} (seed one: "
+                        "torch.Generator().manual_seed(s)).")
     gen_device = generator.device if generator is not None else torch.device("cpu")
     if distribution == "rademacher":
         V = torch.randint(0, 2, (n, k), generator=generator, device=gen_device).to(dtype) * 2 - 1
