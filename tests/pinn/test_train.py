@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -163,3 +164,17 @@ def test_bad_stopping_and_size_arguments_raise():
         train(_problem(), method="adam", steps=1, num_eval=0)
     with pytest.raises(TypeError, match="train: problem must be a curvkit.pinn Problem; got str"):
         train("poisson", method="adam", steps=1)
+
+
+def test_a_failed_kernel_solve_stops_training_and_keeps_the_history():
+    # lr 50 diverges; the Nyström sketch of the exploding kernel then cannot be factored
+    problem = poisson(dim=2, hidden=[8])
+    options = {"lr": 50.0, "damping": 1e-10, "solver": "nystrom_pcg", "rank": 20}
+    with pytest.warns(RuntimeWarning, match=r"train: step \d+ failed .*Nyström sketch") as rec:
+        h = train(problem, method="engd_woodbury", steps=30, num_interior=60, num_boundary=20,
+                  options=options, eval_every=7)
+    failed = int(re.search(r"step (\d+) failed", str(rec[-1].message)).group(1))
+    assert 1 < failed < 30
+    # the history ends at the last step taken (off the eval_every grid too)
+    assert h.step[-1] == failed - 1 and h.step == sorted(set(h.step))
+    assert math.isfinite(h.l2_error[-1])

@@ -6,7 +6,7 @@ from curvkit.pinn.history import History, plot_histories
 from curvkit.pinn.jacobian import DenseResidualJacobian, ResidualJacobian, linearize
 from curvkit.pinn.problems import heat, linear_pde, log_fokker_planck, poisson
 from curvkit.pinn.residuals import Sin, derivatives, loss, residuals, taylor_derivatives
-from curvkit.pinn.solves import kernel_solve
+from curvkit.pinn.solves import SolveError, kernel_solve
 from curvkit.pinn.train import train
 from curvkit.pinn.woodbury import SPRING, ENGDWoodbury
 
@@ -33,6 +33,7 @@ __all__ = [
     "HessianFree",
     "line_search",
     "kernel_solve",
+    "SolveError",
     "train",
     "History",
     "plot_histories",

@@ -19,13 +19,21 @@ from torch import Tensor
 from curvkit.linalg import ConvergenceWarning, LinearOperator, nystrom, nystrom_pcg
 from curvkit.linalg.nystrom import _UnfactorableSketch
 
-__all__ = ["KernelSolver", "damped_cholesky_solve", "kernel_solve", "KernelOperator"]
+__all__ = ["KernelSolver", "SolveError", "damped_cholesky_solve", "kernel_solve", "KernelOperator"]
 
 KernelSolver = Literal["cholesky", "nystrom", "nystrom_stable", "nystrom_pcg"]
 _SOLVERS = ("cholesky", "nystrom", "nystrom_stable", "nystrom_pcg")
 _MAX_RETRIES = 6
 # The Nyström shift ν of the reference code's fast variant (not removed afterwards).
 NYSTROM_SHIFT = 1e-7
+
+
+class SolveError(ValueError):
+    """A damped Gramian or kernel solve failed on the step's numbers (not on bad arguments).
+
+    Typically a diverging run: the matrix holds inf/NaN or its scale swamps the damping.
+    ``train`` stops on it with a warning and keeps the history.
+    """
 
 
 class KernelOperator(LinearOperator):
@@ -80,7 +88,7 @@ def damped_cholesky_solve(M: Tensor, B: Tensor, damping: float, *, caller: str) 
             # Where λ = 0, start from a level relative to the matrix's scale.
             lam = 10.0 * lam if lam > 0 else 1e-12 * float(diag.abs().mean().clamp_min(1e-300))
         else:
-            raise ValueError(
+            raise SolveError(
                 f"{caller}: the damped matrix is not positive definite even with damping "
                 f"{lam / 10:.3e} (asked for {damping:.3e}); is the matrix PSD and finite?"
             )
@@ -187,7 +195,7 @@ def _explained_sketch_failure(shift: float, caller: str):
     try:
         yield
     except _UnfactorableSketch as error:
-        raise ValueError(
+        raise SolveError(
             f"{caller}: the Nyström sketch of the kernel K = JJᵀ cannot be factored with the "
             f"shift ν = {shift}: K is PSD, so its scale is far above ν or it is not finite "
             "(a diverging run?); lower the step size, or use solver='cholesky'."

@@ -15,6 +15,7 @@ from curvkit.pinn.base import Batch, Problem, seeded_stream
 from curvkit.pinn.engd import ENGD, HessianFree
 from curvkit.pinn.history import History
 from curvkit.pinn.residuals import loss as pinn_loss
+from curvkit.pinn.solves import SolveError
 from curvkit.pinn.woodbury import SPRING, ENGDWoodbury
 
 __all__ = ["train", "METHODS"]
@@ -217,6 +218,7 @@ def train(
         total = steps if steps is not None else None
         bar = tqdm(total=total, initial=step, desc=f"{problem.name} {method}", unit="step")
 
+    last = None  # (loss, step size) of the last step taken here
     while not done():
         start = time.perf_counter()
         batch = next_batch()
@@ -224,12 +226,23 @@ def train(
             value = _adam_step(optimizer, model, problem, batch)
             eta = optimizer.param_groups[0]["lr"]
         else:
-            value = optimizer.step(batch)
+            try:
+                value = optimizer.step(batch)
+            except SolveError as error:
+                # The step's solve failed on its numbers (a diverging run) before anything
+                # moved: keep the history, ending at the model's step as for a non-finite loss.
+                warnings.warn(f"train: step {step + 1} failed ({error}); stopping.",
+                              RuntimeWarning, stacklevel=2)
+                if last is not None and history.step[-1] != step:
+                    history.append(step=step, time=elapsed, loss=last[0],
+                                   l2_error=problem.l2_error(model, X_eval), step_size=last[1])
+                break
             eta = optimizer.state[optimizer.param_groups[0]["params"][0]]["step_size"]
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the step's kernels may still run: time to their end
         elapsed += time.perf_counter() - start
         step += 1
+        last = (value, eta)
         # A non-finite loss ends the run: record that step too, so that the history (and the
         # checkpoint's step count) matches the model.
         if step % eval_every == 0 or done() or not math.isfinite(value):
