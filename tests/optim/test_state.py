@@ -109,6 +109,16 @@ def test_nonfinite_gradient_raises_without_changes_and_skip_counts():
     assert opt.state[p]["step"] == 1 and opt.state[p]["skipped_steps"] == 2
 
 
+def test_a_nonfinite_gradient_in_one_group_skips_every_group():
+    # as GradScaler: half a step (the finite groups only) would be worse than none
+    p, q = nn.Parameter(torch.ones(3, 2)), nn.Parameter(torch.ones(2))
+    opt = SOAP([{"params": [p]}, {"params": [q]}], lr=0.1, nonfinite="skip")
+    p.grad, q.grad = torch.ones(3, 2), torch.tensor([1.0, float("inf")])
+    opt.step()
+    assert torch.equal(p, torch.ones(3, 2)) and torch.equal(q, torch.ones(2))
+    assert opt.state[p]["skipped_steps"] == 1 and opt.state[q]["skipped_steps"] == 1
+
+
 def test_param_groups_override_options():
     a, b = nn.Parameter(torch.zeros(4, 3)), nn.Parameter(torch.zeros(4, 3))
     opt = SOAP([{"params": [a]}, {"params": [b], "lr": 0.5, "basis_update": "eigh",

@@ -219,7 +219,8 @@ def run_step(optimizer: torch.optim.Optimizer, name: str,
     parameters round-robin between ranks under ``torch.distributed`` (rank ``i % world_size``
     owns parameter ``i`` and keeps its state), calls ``update(p, group, index)`` for the owned
     parameters with a gradient (zero-size parameters have nothing to update and are passed
-    over), counts skipped steps, and all-gathers the new values.
+    over), counts skipped steps, and all-gathers the new values. A nan/inf gradient in any
+    group skips the step for every group (each group's ``nonfinite="raise"`` raises first).
 
     Raises:
         NonFiniteGradientError: If a group with ``nonfinite="raise"`` has a nan/inf gradient.
@@ -237,8 +238,11 @@ def run_step(optimizer: torch.optim.Optimizer, name: str,
             raise NonFiniteGradientError(
                 f"{name}.step: a gradient contains nan or inf; pass nonfinite='skip' to skip "
                 "such steps (they are counted in state['skipped_steps']).")
+    # A non-finite gradient anywhere skips the whole step, in every group (as torch.amp's
+    # GradScaler does): updating only the finite groups would apply half a step.
+    ok = all(finite)
     params, owners, index = [], [], 0
-    for group, ok in zip(optimizer.param_groups, finite):
+    for group in optimizer.param_groups:
         for p in group["params"]:
             owner = index % size
             params.append(p)
