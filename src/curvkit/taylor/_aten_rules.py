@@ -237,6 +237,10 @@ RULES[aten.dot.default] = partial(_matmul, op=_dot)
 
 @_register(aten.addmm.default)
 def _addmm(ctx, bias, a, b, *, beta=1, alpha=1):
+    if not isinstance(a, Jet) and not isinstance(b, Jet):
+        # only the bias carries the jet: the product is a constant that shifts its value row
+        scaled = bias if beta == 1 else Jet(beta * bias.data)
+        return _add_rule(ctx, scaled, torch.mm(a, b), alpha)
     out = _matmul(ctx, a, b)
     if alpha != 1:
         out = Jet(alpha * out.data)
@@ -315,12 +319,15 @@ def _index_select(ctx, x, dim, index):
 def _index(ctx, x, indices):
     if any(isinstance(i, Jet) for i in indices):
         raise NotImplementedError("curvkit.taylor: indexing with a jet-valued index has no rule.")
-    return Jet(aten.index.Tensor(x.data, [None, *indices]))
+    # The row axis goes last, never indexed: with non-adjacent advanced indices torch moves the
+    # broadcast index dimensions to the front, which would otherwise push the rows off axis 0.
+    return Jet(aten.index.Tensor(x.data.movedim(0, -1), indices).movedim(-1, 0))
 
 
 @_register(aten.flip.default)
 def _flip(ctx, x, dims):
-    return Jet(x.data.flip(_dims(dims, _rank(x))))
+    # unlike a reduction, an empty dim list flips nothing
+    return Jet(x.data.flip([_dim(d, _rank(x)) for d in dims]))
 
 
 @_register(aten.clone.default, aten.alias.default, aten.contiguous.default)

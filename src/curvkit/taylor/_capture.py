@@ -45,7 +45,13 @@ class _RecordDetach(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if (func in (Tensor.detach, torch.detach) or _reads_data(func)) and not kwargs:
             return _stop_gradient(*args)
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if not torch.is_grad_enabled() and any(
+                isinstance(a, Tensor) for a in pytree.tree_leaves((args, kwargs))):
+            # f switched autograd off (``torch.no_grad``, ``inference_mode``; tracing itself runs
+            # with grad enabled): like autograd, treat what it computes there as a constant.
+            out = pytree.tree_map_only(Tensor, _stop_gradient, out)
+        return out
 
 
 def _reads_data(func) -> bool:
@@ -122,8 +128,9 @@ class CapturedFunction:
     """``f`` with its ATen graphs, captured lazily and cached per input signature.
 
     The cache key is the input's shape, dtype and device plus, for modules, the names, shapes,
-    dtypes and devices of parameters and buffers, so a training loop that calls with the same
-    batch shape traces once. Graphs bake in shapes: a new batch size triggers a new capture.
+    dtypes and devices of parameters and buffers and the submodules' train/eval modes, so a
+    training loop that calls with the same batch shape traces once. Graphs bake in shapes: a new
+    batch size triggers a new capture.
 
     Args:
         f: An ``nn.Module`` or a function of one tensor.
@@ -145,7 +152,10 @@ class CapturedFunction:
     def program(self, x: Tensor, state: dict[str, Tensor]) -> _Program:
         """The cached program for inputs like ``x`` (capturing it on first use)."""
         key = (tuple(x.shape), x.dtype, x.device,
-               tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in state.items()))
+               tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in state.items()),
+               # train/eval mode changes the traced code (dropout, user branches on .training)
+               tuple(m.training for m in self.f.modules()) if isinstance(self.f, nn.Module)
+               else ())
         if key not in self.programs:
             if isinstance(self.f, nn.Module):
                 module = self.f
@@ -167,7 +177,9 @@ class CapturedFunction:
                 saved = [(m, dict(m._parameters), dict(m._buffers)) for m in self.f.modules()]
             try:
                 x_detached = x.detach()
-                with torch.no_grad(), _RecordDetach():
+                # grad enabled so that _RecordDetach can tell f's own no_grad regions apart;
+                # the traced inputs are detached, so no autograd graph is built
+                with torch.enable_grad(), _RecordDetach():
                     gm = make_fx(traced)(detached, x_detached)
             finally:
                 for m, parameters, buffers in saved:

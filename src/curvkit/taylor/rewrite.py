@@ -175,6 +175,10 @@ def _hashable(value):
         return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
     if isinstance(value, Tensor):
         return ("tensor", id(value))
+    if isinstance(value, (bool, int, float)):
+        # 2 == 2.0 == True as keys, but x * 2 and x * 2.0 differ in dtype on an integer x
+        # (and x * 0.0 and x * -0.0 in the sign of zero): key scalars by type and repr
+        return (type(value).__name__, repr(value))
     return value
 
 
