@@ -243,3 +243,29 @@ class Transpose(nn.Module):
 
     def forward(self, x):
         return x.transpose(1, 2)
+
+
+def test_compute_false_reads_no_data_until_compute():
+    # a loader that records every pass: construction must not iterate it
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    batches = [(torch.randn(5, 3), torch.randn(5, 2))]
+
+    class Recorded(list):
+        passes = 0
+
+        def __iter__(self):
+            Recorded.passes += 1
+            return super().__iter__()
+
+    data = Recorded(batches)
+    K = KFAC(model, torch.nn.MSELoss(), data, compute=False)
+    assert Recorded.passes == 0
+    K.compute()
+    assert Recorded.passes > 0
+    torch.testing.assert_close(K.to_dense(), KFAC(model, torch.nn.MSELoss(), batches).to_dense())
+    # the determinism check still runs, at the first compute()
+    K_drop = KFAC(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.5)),
+                  torch.nn.MSELoss(), batches, compute=False)
+    with pytest.raises(ValueError, match="Dropout"):
+        K_drop.compute()

@@ -71,9 +71,12 @@ def grad_columns(outputs, inputs: list[Tensor], cotangents, *, retain_graph: boo
         res = torch.autograd.grad(outputs, inputs, first, retain_graph=retain_graph,
                                   allow_unused=True, materialize_grads=True)
         return [r.unsqueeze(0) for r in res]
-    return list(torch.autograd.grad(outputs, inputs, cotangents, retain_graph=retain_graph,
-                                    is_grads_batched=True, allow_unused=True,
-                                    materialize_grads=True))
+    # Not materialize_grads: with is_grads_batched it fills an unused input with zeros of the
+    # input's shape, without the column dimension (and the block then fails to reshape).
+    c = (cotangents if isinstance(cotangents, Tensor) else cotangents[0]).shape[0]
+    res = torch.autograd.grad(outputs, inputs, cotangents, retain_graph=retain_graph,
+                              is_grads_batched=True, allow_unused=True)
+    return [x.new_zeros((c, *x.shape)) if r is None else r for r, x in zip(res, inputs)]
 
 
 def split_columns(X: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:

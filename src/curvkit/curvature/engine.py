@@ -222,7 +222,9 @@ class DataEngine:
         if not isinstance(data, Iterable):
             raise TypeError(f"{caller}: data must be an iterable of (X, y) batches; got "
                             f"{type(data).__name__}.")
-        if iter(data) is data:
+        # An iterator is its own iterator (one pass only). Asked of the type, not by calling
+        # iter(): a DataLoader would start its worker processes for nothing.
+        if isinstance(data, Iterator):
             raise TypeError(f"{caller}: data must be re-iterable (a list or a DataLoader), since "
                             "every product is a pass over it; got a one-shot iterator.")
         if num_data is not None and (not isinstance(num_data, int) or num_data <= 0):
@@ -308,6 +310,9 @@ class DataEngine:
             if not isinstance(X, (Tensor, Mapping)):
                 raise TypeError(f"{self.caller}: X must be a tensor or a mapping of tensors; batch "
                                 f"{i} has {type(X).__name__}.")
+            if self.loss is not None and not isinstance(y, Tensor):  # counted and fed to the loss
+                raise TypeError(f"{self.caller}: targets y must be a tensor; batch {i} has "
+                                f"{type(y).__name__}.")
             self._check_devices(i, X, y)
             n = self._batch_size(X, y)
             if n == 0:  # an empty batch adds nothing to any sum (and would divide by zero)

@@ -143,9 +143,13 @@ class KFAC(LinearOperator):
                             f"{type(separate_bias).__name__}.")
         loss = output_loss(loss_fn, caller=name, analytic=True)
         selected = resolve_params(model, params, name)
+        # With compute=False nothing reads the data yet: the determinism check (two passes)
+        # waits for the first compute(), so the data may still be in the making.
         self.engine = DataEngine(model, loss, data, selected, caller=name, progress=progress,
-                                 check_deterministic=check_deterministic, num_data=num_data,
-                                 batch_size_fn=batch_size_fn, allow_weights=True)
+                                 check_deterministic=check_deterministic and compute,
+                                 num_data=num_data, batch_size_fn=batch_size_fn,
+                                 allow_weights=True)
+        self._data_checked = compute or not check_deterministic
         self.loss, self.model = loss, model
         self.fisher, self.mc_samples, self.approx = fisher, mc_samples, approx
         self.separate_bias, self.other, self.seed = separate_bias, other, seed
@@ -185,6 +189,9 @@ class KFAC(LinearOperator):
         Returns:
             ``self``, ready for products.
         """
+        if not self._data_checked:
+            self.engine._check_deterministic()
+            self._data_checked = True
         with self._atomic():
             return self._compute()
 

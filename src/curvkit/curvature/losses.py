@@ -21,6 +21,7 @@ Conventions:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -134,6 +135,24 @@ class _CrossEntropy(OutputLoss):
                 f"{tuple(output.shape[:1] + output.shape[2:])} or probabilities of shape "
                 f"{tuple(output.shape)}; got {tuple(y.shape)} ({y.dtype})."
             )
+        C = output.shape[1]
+        if class_targets:
+            # PyTorch takes int64 or uint8 indices; other dtypes and indices outside [0, C) it
+            # rejects deep inside the loss, while the GGN (which reads the targets only for
+            # ignored tokens and class weights) would silently use them.
+            if y.dtype not in (torch.int64, torch.uint8):
+                raise ValueError(
+                    f"{self.caller}: CrossEntropyLoss class-index targets must be int64 (or "
+                    f"uint8); got {y.dtype}."
+                )
+            self._check_range(y, C)
+        if self.weight is not None and (self.weight.shape != (C,)
+                                        or self.weight.dtype != output.dtype):
+            raise ValueError(
+                f"{self.caller}: CrossEntropyLoss's class weight must be a ({C},) tensor of the "
+                f"output's dtype {output.dtype}; got {tuple(self.weight.shape)} "
+                f"({self.weight.dtype})."
+            )
         if prob_targets and self.weight is not None:
             raise ValueError(
                 f"{self.caller}: CrossEntropyLoss with class weights and probability targets is "
@@ -143,6 +162,14 @@ class _CrossEntropy(OutputLoss):
             raise ValueError(
                 f"{self.caller}: CrossEntropyLoss with both class weights and label smoothing is "
                 "not supported (its output Hessian depends on the target mixture)."
+            )
+
+    def _check_range(self, y: Tensor, C: int) -> None:
+        bad = (y != self.ignore_index) & ((y < 0) | (y >= C))
+        if bool(bad.any()):  # one reduction (and sync) per batch, no boolean indexing
+            raise ValueError(
+                f"{self.caller}: CrossEntropyLoss class-index targets must lie in [0, {C}) "
+                f"(or equal ignore_index={self.ignore_index}); got {y[bad].unique()[:8].tolist()}."
             )
 
     def _term_weights(self, y: Tensor, dtype: torch.dtype) -> Tensor | None:
@@ -158,6 +185,7 @@ class _CrossEntropy(OutputLoss):
         keep = y != self.ignore_index
         if self.weight is None:
             return keep.to(dtype)
+        self._check_range(y, self.weight.shape[0])  # before indexing the weights with y
         return torch.where(keep, self.weight.to(dtype)[y.clamp(min=0) * keep], 0.0)
 
     def count(self, y, batch_size):
@@ -267,6 +295,23 @@ class _BCEWithLogits(_Elementwise):
         super().__init__(module, caller)
         self.weight, self.pos_weight = module.weight, module.pos_weight
 
+    def check(self, output, y):
+        super().check(output, y)
+        # PyTorch's BCE needs floating-point targets (an integer one fails with a cast error);
+        # the GGN would otherwise accept them silently.
+        if not y.is_floating_point():
+            raise ValueError(
+                f"{self.caller}: BCEWithLogitsLoss needs floating-point targets (0/1 or "
+                f"probabilities); got {y.dtype}."
+            )
+        for name in ("weight", "pos_weight"):
+            t = getattr(self, name)
+            if t is not None and not _broadcasts_to(t.shape, output.shape):
+                raise ValueError(
+                    f"{self.caller}: BCEWithLogitsLoss's {name} of shape {tuple(t.shape)} does "
+                    f"not broadcast to the output shape {tuple(output.shape)}."
+                )
+
     def sum_loss(self, output, y, batch_size):
         return F.binary_cross_entropy_with_logits(output, y, weight=self.weight,
                                                   pos_weight=self.pos_weight, reduction="sum")
@@ -338,6 +383,31 @@ def output_loss(module: nn.Module, *, caller: str, analytic: bool) -> OutputLoss
             f"{caller}: supports {', '.join(SUPPORTED_LOSSES)}; got {type(module).__name__} "
             "(the Hessian operator accepts any twice-differentiable loss)."
         )
+    arity = _required_arguments(module)
+    if arity is not None and arity > 2:  # GaussianNLLLoss(input, target, var), CTCLoss, ...
+        raise ValueError(
+            f"{caller}: loss_fn is called as loss_fn(output, target); {type(module).__name__} "
+            f"needs {arity} arguments, which a batch (X, y) cannot provide."
+        )
     if type(module) is nn.NLLLoss:
         return _NLL(module, caller)
     return OutputLoss(module, caller)
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` without enlarging it."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
+def _required_arguments(module: nn.Module) -> int | None:
+    """Positional arguments ``module.forward`` requires (``None`` if it cannot be told)."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in sig.parameters.values()
+               if p.kind in kinds and p.default is inspect.Parameter.empty)
