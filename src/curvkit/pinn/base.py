@@ -8,6 +8,7 @@ exact solutions (Poisson, heat, log-Fokker–Planck, user-defined linear PDEs) i
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -81,10 +82,23 @@ class Problem:
     def __post_init__(self) -> None:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
             raise ValueError(f"{self.name}: dim must be an int >= 1; got {self.dim!r}.")
+        if not isinstance(self.lower, Tensor) or not isinstance(self.upper, Tensor):
+            raise ValueError(
+                f"{self.name}: lower and upper must be tensors; got "
+                f"{type(self.lower).__name__} and {type(self.upper).__name__}."
+            )
         if self.lower.shape != (self.dim,) or self.upper.shape != (self.dim,):
             raise ValueError(
                 f"{self.name}: lower and upper must have shape ({self.dim},); got "
                 f"{tuple(self.lower.shape)} and {tuple(self.upper.shape)}."
+            )
+        # The samplers draw uniformly in the box: an empty, inverted or infinite one would give
+        # points outside the domain or inf / NaN coordinates.
+        lo, hi = self.lower.double(), self.upper.double()
+        if not bool((torch.isfinite(lo) & torch.isfinite(hi) & (lo < hi)).all()):
+            raise ValueError(
+                f"{self.name}: need finite lower < upper in every coordinate; got lower "
+                f"{self.lower.tolist()} and upper {self.upper.tolist()}."
             )
         _check_dims(self.laplacian_dims, self.dim, self.name)
 
@@ -145,8 +159,14 @@ class Problem:
 
         The points are drawn on the CPU (``generator`` is a CPU generator) and put on ``device``.
         """
-        n_in = self.num_interior if num_interior is None else int(num_interior)
-        n_bd = self.num_boundary if num_boundary is None else int(num_boundary)
+        n_in = self.num_interior if num_interior is None else num_interior
+        n_bd = self.num_boundary if num_boundary is None else num_boundary
+        for what, n in (("num_interior", n_in), ("num_boundary", n_bd)):
+            try:  # integers of any kind; int() would truncate 2.5 to 2 points
+                operator.index(n)
+            except TypeError:
+                raise ValueError(f"{self.name}.sample: {what} must be an int; got {n!r}.") from None
+        n_in, n_bd = operator.index(n_in), operator.index(n_bd)
         if n_in < 1 or n_bd < 1:
             raise ValueError(
                 f"{self.name}.sample: need at least one interior and one boundary point; got "

@@ -10,6 +10,8 @@ from pathlib import Path
 
 __all__ = ["History", "plot_histories"]
 
+_SERIES = ("step", "time", "loss", "l2_error", "step_size")
+
 
 @dataclass
 class History:
@@ -65,7 +67,7 @@ class History:
     def from_dict(cls, data: Mapping) -> History:
         """Inverse of ``to_dict``."""
         nan = lambda xs: [math.nan if v is None else float(v) for v in xs]  # noqa: E731
-        return cls(
+        history = cls(
             step=[int(s) for s in data["step"]],
             time=nan(data["time"]),
             loss=nan(data["loss"]),
@@ -73,6 +75,15 @@ class History:
             step_size=nan(data.get("step_size", [None] * len(data["step"]))),
             meta=dict(data.get("meta", {})),
         )
+        # One entry per step in every list: zip() in time_to_reach and the plot would otherwise
+        # pair values of different steps without a word.
+        lengths = {key: len(getattr(history, key)) for key in _SERIES}
+        if len(set(lengths.values())) > 1:
+            got = ", ".join(f"{key}: {n}" for key, n in lengths.items())
+            raise ValueError(
+                f"History.from_dict: the per-step lists must have the same length; got {got}."
+            )
+        return history
 
     def save(self, path: str | Path) -> None:
         """Write the history as JSON."""
@@ -103,16 +114,20 @@ def plot_histories(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # A log axis cannot show values <= 0 (e.g. an exact fit's zero loss): NaN leaves a gap
+    # where matplotlib would warn "Data has no positive values" for a series without others.
+    positive = lambda xs: [x if x > 0 else math.nan for x in xs]  # noqa: E731
     fig, (ax_err, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for label, h in histories.items():
         t = [max(x, 1e-3) for x in h.time]  # log axis: the initial point sits at t = 1 ms
-        ax_err.loglog(t, h.l2_error, label=label)
-        ax_loss.loglog(t, h.loss, label=label)
+        ax_err.loglog(t, positive(h.l2_error), label=label)
+        ax_loss.loglog(t, positive(h.loss), label=label)
     ax_err.set(xlabel="wall-clock time [s]", ylabel="L2 error")
     ax_loss.set(xlabel="wall-clock time [s]", ylabel="loss")
     for ax in (ax_err, ax_loss):
         ax.grid(True, which="both", alpha=0.3)
-    ax_err.legend()
+    if ax_err.get_legend_handles_labels()[0]:  # else matplotlib warns of an empty legend
+        ax_err.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()

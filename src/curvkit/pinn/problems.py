@@ -35,6 +35,28 @@ __all__ = [
 ]
 
 
+# --------------------------------------------------------------------------- checks
+def _check_dim(dim: object, caller: str) -> int:
+    """``dim`` as an int >= 1; a float or string would otherwise fail deep inside torch."""
+    try:
+        if isinstance(dim, bool):
+            raise TypeError
+        value = operator.index(dim)  # integers of any kind, never a truncated float
+    except TypeError:
+        value = None
+    if value is None or value < 1:
+        raise ValueError(f"{caller}: dim must be an int >= 1; got {dim!r}.")
+    return value
+
+
+def _check_finite(value: float, what: str, caller: str) -> float:
+    """``float(value)``, refusing NaN and inf (NaN slips through every ``<=`` check)."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{caller}: {what} must be finite; got {value}.")
+    return value
+
+
 # --------------------------------------------------------------------------- samplers
 def _box_boundary_sampler(lower: Tensor, upper: Tensor):
     """Uniform in the box, then one random coordinate set to its lower or upper bound."""
@@ -103,10 +125,10 @@ def poisson(
         The ``Problem``.
 
     Raises:
-        ValueError: For an unknown solution, ``dim < 1`` or ``"harmonic"`` with odd ``dim``.
+        ValueError: For an unknown solution, ``dim`` not an int >= 1 or ``"harmonic"`` with
+            odd ``dim``.
     """
-    if dim < 1:
-        raise ValueError(f"poisson: dim must be >= 1; got {dim}.")
+    dim = _check_dim(dim, "poisson")
     if solution is None:
         solution = {2: "sines", 10: "harmonic", 100: "norm_squared"}.get(dim, "cosines")
     if solution not in _POISSON_SOLUTIONS:
@@ -191,11 +213,13 @@ def heat(
         The ``Problem``.
 
     Raises:
-        ValueError: If ``dim < 1`` or ``diffusivity <= 0``.
+        ValueError: If ``dim`` is not an int >= 1 or ``diffusivity`` not finite and > 0.
     """
-    if dim < 1 or diffusivity <= 0:
+    dim = _check_dim(dim, "heat")
+    if not math.isfinite(diffusivity) or diffusivity <= 0:
         raise ValueError(
-            f"heat: need dim >= 1 and diffusivity > 0; got dim={dim}, diffusivity={diffusivity}."
+            f"heat: need dim >= 1 and a finite diffusivity > 0; got dim={dim}, "
+            f"diffusivity={diffusivity}."
         )
     kappa = float(diffusivity)
 
@@ -257,11 +281,13 @@ def log_fokker_planck(
         The ``Problem``.
 
     Raises:
-        ValueError: If ``dim < 1`` or ``half_width <= 0``.
+        ValueError: If ``dim`` is not an int >= 1 or ``half_width`` not finite and > 0.
     """
-    if dim < 1 or half_width <= 0:
+    dim = _check_dim(dim, "log_fokker_planck")
+    if not math.isfinite(half_width) or half_width <= 0:
         raise ValueError(
-            f"log_fokker_planck: need dim >= 1 and half_width > 0; got {dim}, {half_width}."
+            f"log_fokker_planck: need dim >= 1 and a finite half_width > 0; got {dim}, "
+            f"{half_width}."
         )
 
     def u(X: Tensor) -> Tensor:
@@ -332,20 +358,27 @@ def linear_pde(
         The ``Problem``; its residual is ``a Δ_S u + b·∇u + c u - f``.
 
     Raises:
-        ValueError: If shapes do not match ``dim`` or the box is empty.
+        ValueError: If shapes do not match ``dim``, the box is empty or not finite, or a
+            coefficient is not finite.
     """
+    dim = _check_dim(dim, "linear_pde")
     lo = torch.zeros(dim) if lower is None else torch.as_tensor(lower, dtype=torch.float64)
     hi = torch.ones(dim) if upper is None else torch.as_tensor(upper, dtype=torch.float64)
     lo, hi = lo.double(), hi.double()
-    if lo.shape != (dim,) or hi.shape != (dim,) or not bool((hi > lo).all()):
+    # An infinite corner cannot be sampled uniformly (its points would be inf or NaN).
+    finite = bool(torch.isfinite(lo).all() and torch.isfinite(hi).all())
+    if lo.shape != (dim,) or hi.shape != (dim,) or not finite or not bool((hi > lo).all()):
         raise ValueError(
-            f"linear_pde: need lower < upper, both of shape ({dim},); got {lower}, {upper}."
+            f"linear_pde: need lower < upper, both finite and of shape ({dim},); got {lower}, "
+            f"{upper}."
         )
     b = None if gradient is None else torch.as_tensor(gradient, dtype=torch.float64)
     if b is not None and b.shape != (dim,):
         raise ValueError(
             f"linear_pde: gradient coefficient must have shape ({dim},); got {tuple(b.shape)}."
         )
+    if b is not None and not bool(torch.isfinite(b).all()):
+        raise ValueError(f"linear_pde: gradient coefficient must be finite; got {b.tolist()}.")
     if laplacian_dims is not None:
         try:  # integers of any kind (NumPy's too); int() would truncate 0.5 to 0
             laplacian_dims = tuple(operator.index(i) for i in laplacian_dims)
@@ -353,7 +386,8 @@ def linear_pde(
             raise ValueError(
                 f"linear_pde: laplacian_dims must be integers; got {laplacian_dims!r}."
             ) from None
-    a, c = float(laplacian), float(value)
+    a = _check_finite(laplacian, "laplacian", "linear_pde")
+    c = _check_finite(value, "value", "linear_pde")
 
     def residual(X: Tensor, d: Derivatives) -> Tensor:
         r = a * d.laplacian + c * d.value - source(X)
