@@ -178,3 +178,9 @@ def test_a_failed_kernel_solve_stops_training_and_keeps_the_history():
     # the history ends at the last step taken (off the eval_every grid too)
     assert h.step[-1] == failed - 1 and h.step == sorted(set(h.step))
     assert math.isfinite(h.l2_error[-1])
+
+
+@pytest.mark.parametrize("name", ["num_interior", "num_boundary"])
+def test_fractional_point_counts_are_refused(name):
+    with pytest.raises(ValueError, match=rf"train: {name} must be an int >= 1; got 2.5"):
+        train(poisson(dim=2, hidden=[4]), method="adam", steps=1, **{name: 2.5})

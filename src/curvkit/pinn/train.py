@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import time
 import warnings
 from pathlib import Path
@@ -139,8 +140,8 @@ def train(
             "move the model (model.to(device)) or leave device=None."
         )
     device = model_device
-    n_in = problem.num_interior if num_interior is None else int(num_interior)
-    n_bd = problem.num_boundary if num_boundary is None else int(num_boundary)
+    n_in = problem.num_interior if num_interior is None else _count(num_interior, "num_interior")
+    n_bd = problem.num_boundary if num_boundary is None else _count(num_boundary, "num_boundary")
     sampler = seeded_stream(seed, 1)
     X_eval = problem.sample_interior(
         10 * n_in if num_eval is None else int(num_eval),
@@ -281,3 +282,16 @@ def _same_device(requested: torch.device | str, actual: torch.device) -> bool:
     if requested.type != actual.type:
         return False
     return requested.index is None or requested.index == actual.index
+
+
+def _count(value, name: str) -> int:
+    """A number of points: any integer type (``int(2.5)`` would silently draw 2)."""
+    if isinstance(value, bool):
+        raise ValueError(f"train: {name} must be an int >= 1; got {value!r}.")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise ValueError(f"train: {name} must be an int >= 1; got {value!r}.") from None
+    if n < 1:
+        raise ValueError(f"train: {name} must be an int >= 1; got {value!r}.")
+    return n
