@@ -274,8 +274,12 @@ class NormRule:
         raise NotImplementedError
 
     def per_example(self, module: nn.Module, x: Tensor | None, g: Tensor,
-                    roles: tuple[str, ...]) -> dict[str, Tensor]:
-        """Per-example gradients ``{role: (N, numel)}`` for ``roles`` ⊂ {"weight", "bias"}."""
+                    roles: tuple[str, ...], *, magnitude: bool = False) -> dict[str, Tensor]:
+        """Per-example gradients ``{role: (N, numel)}`` for ``roles`` ⊂ {"weight", "bias"}.
+
+        With ``magnitude`` the sums of the terms' magnitudes, ``Σ_s |g_s ∘ x̂_s|`` and
+        ``Σ_s |g_s|`` (the scale of their round-off).
+        """
         N = g.shape[0]
         out = {}
         if self.channel_dim is None:  # LayerNorm / RMSNorm: params shaped like the last dims
@@ -283,8 +287,11 @@ class NormRule:
             flat = lambda t: t.reshape(N, -1, numel).sum(1)  # noqa: E731
         else:  # GroupNorm / BatchNorm: one parameter per channel (dim 1)
             flat = lambda t: t.reshape(N, t.shape[1], -1).sum(2) if t.ndim > 2 else t  # noqa: E731
+        if magnitude:
+            g = g.abs()
         if "weight" in roles:
-            out["weight"] = flat(g * self.normalized(module, x))
+            x_hat = self.normalized(module, x)
+            out["weight"] = flat(g * (x_hat.abs() if magnitude else x_hat))
         if "bias" in roles:
             out["bias"] = flat(g)
         return out
