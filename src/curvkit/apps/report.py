@@ -46,7 +46,10 @@ class ReportOptions:
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
-    return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
+    err, ref = torch.linalg.norm(a - b).item(), torch.linalg.norm(b).item()
+    if ref == 0.0:  # a zero reference (e.g. a zero GGN): exact match or infinitely off, not 0/0
+        return 0.0 if err == 0.0 else math.inf
+    return err / ref
 
 
 def _loss_and_gradient(
@@ -58,6 +61,8 @@ def _loss_and_gradient(
     that PyTorch's mean divides by (class-weighted tokens, probability-target rows, output
     entries), exactly as the curvature operators normalise.
     """
+    from curvkit import distributed
+
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [torch.zeros_like(p) for p in params]
     wrapped = output_loss(loss_fn, caller="curvature_report", analytic=True)
@@ -70,6 +75,12 @@ def _loss_and_gradient(
             g += gi
         total += loss.item()
         count += float(wrapped.count(y, y.shape[0]))
+    if distributed.is_distributed():
+        # Each rank holds a shard, and the operators below are those of the union of the shards:
+        # the loss and the gradient must be of the union too.
+        grads = distributed.all_reduce_sum(grads)
+        sums = torch.tensor([total, count], dtype=torch.float64, device=grads[0].device)
+        total, count = distributed.all_reduce_sum([sums])[0].tolist()
     if loss_fn.reduction == "mean" and count <= 0:
         raise ValueError("curvature_report: data holds no loss terms (no batches, or every "
                          "target ignored).")
@@ -99,7 +110,13 @@ def curvature_report(
         holding the eigenvalues and densities for plotting.
     """
     opt = options or ReportOptions()
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(opt.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            f"curvature_report: the model ({type(model).__name__}) has no trainable parameters; "
+            "the curvature is taken with respect to the parameters that require grad."
+        )
+    g = torch.Generator(device=trainable[0].device).manual_seed(opt.seed)
     gen = lambda: torch.Generator(device=g.device).manual_seed(opt.seed)  # noqa: E731 same probes for every operator
     common = dict(progress=False, check_deterministic=True)
     timings: dict[str, float] = {}
@@ -117,7 +134,8 @@ def curvature_report(
     H = Hessian(model, loss_fn, data, **common)
     common["check_deterministic"] = False  # checked once above; the model does not change
     G = GGN(model, loss_fn, data, **common)
-    k = min(opt.top_k, num_params - 1)
+    # eigsh finds up to all n eigenpairs (k <= n); a one-parameter model has one.
+    k = min(opt.top_k, num_params)
 
     evals_H, evecs_H = timed(
         "Hessian top eigenpairs", lambda: linalg.eigsh(H, k, which="LA", generator=gen(), tol=1e-3)
@@ -175,7 +193,9 @@ def curvature_report(
             scale="log",
             # Round-off leaves Ritz values of the PSD GGN slightly below zero (~eps·λ_max);
             # shift the log scale past them rather than reject the spectrum.
-            epsilon=max(1e-8, 100 * torch.finfo(G.dtype).eps) * evals_G.max().item(),
+            # A zero GGN (e.g. saturated softmax outputs) has no scale: any ε > 0 will do.
+            epsilon=max(1e-8, 100 * torch.finfo(G.dtype).eps)
+            * (max(evals_G.max().item(), 0.0) or 1.0),
             generator=gen(),
             kernel_width=0.02,
         ),
@@ -228,7 +248,13 @@ def plot_report(report: dict, path) -> None:
     idx = torch.arange(k)
     axes[2].bar(idx - 0.2, report["hessian_top_eigenvalues"], width=0.4, label="Hessian")
     axes[2].bar(idx + 0.2, report["ggn_top_eigenvalues"], width=0.4, label="GGN")
-    axes[2].set_yscale("log")
+    values = [*report["hessian_top_eigenvalues"], *report["ggn_top_eigenvalues"]]
+    if min(values) > 0:
+        axes[2].set_yscale("log")
+    elif max(map(abs, values)) > 0:
+        # The Hessian's top eigenvalues can be negative (a log axis would drop those bars) and
+        # the GGN's can be zero: a symmetric log axis shows them all.
+        axes[2].set_yscale("symlog", linthresh=1e-3 * max(map(abs, values)))
     axes[2].set(
         title=f"top-{k} eigenvalues (overlap {report['top_eigenspace_overlap_hessian_ggn']:.2f})",
         xlabel="index",

@@ -38,4 +38,14 @@ def resolve_device(name: str) -> torch.device:
         )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: MPS is not available on this machine.")
-    return device
+    if device.type == "meta":
+        # Meta tensors have shapes but no values: the commands compute numbers.
+        raise ValueError(f"--device {name}: the meta device holds no data; name a device that "
+                         "computes (cpu, cuda, ...).")
+    try:  # other backends (xpu, hpu, ...) fail on first use, some with a bare AssertionError
+        # The device as tensors report it: 'cpu:1' is 'cpu', which device checks compare with.
+        return torch.empty(0, device=device).device
+    except (RuntimeError, AssertionError, NotImplementedError, ImportError) as err:
+        # PyTorch's first sentence names the cause; the rest can be a list of every backend.
+        reason = (str(err).strip() or type(err).__name__).splitlines()[0].split(". ")[0]
+        raise ValueError(f"--device {name}: not available on this machine ({reason}).") from err

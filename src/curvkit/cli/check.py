@@ -53,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
 
     rows = [("matvec A @ x", rel(op @ x, dense @ x))]
     b = dense @ x
-    rows.append(("cg solve A z = b", rel(cg(op, b, rtol=tol, max_iter=10 * n), x)))
+    # CG controls the residual; the error in z is up to cond(A) times larger, and cond(A) grows
+    # with --size (beyond 1e4 at the default size): in float32 it cannot stay below 1e-3. Check
+    # what the solver guarantees, the relative residual against the dense matrix.
+    z = cg(op, b, rtol=tol, max_iter=10 * n)
+    rows.append(("cg solve A z = b (residual)", rel(dense @ z, b)))
     true_trace = dense.trace()
     for method in ("hutchinson", "hutch++", "xtrace"):
         est = trace(

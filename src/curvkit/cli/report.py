@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -57,17 +59,64 @@ def _problem(args, dtype, device):
         model = digits_cnn(seed=args.seed).to(device=device, dtype=dtype)
         model = train_briefly(model, data, loss_fn, epochs=args.train_epochs)
         return model.eval(), loss_fn, data
-    model = load_factory(args.model, "--model")()
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"--model {args.model} must return an nn.Module; got {type(model).__name__}."
-        )
-    data = list(load_factory(args.data, "--data")())
+    model_factory = load_factory(args.model, "--model")
+    data_factory = load_factory(args.data, "--data")
+    # --seed covers the user's factories too: a model initialised from the global RNG would
+    # otherwise give a different report on every run of the same command.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = model_factory()
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"--model {args.model} must return an nn.Module; got {type(model).__name__}."
+            )
+        data = data_factory()
+        if isinstance(data, (torch.Tensor, Mapping)) or not isinstance(data, Iterable):
+            raise TypeError(
+                f"--data {args.data} must return an iterable of (X, y) batches; "
+                f"got {type(data).__name__}."
+            )
+        data = list(data)
     if not data:
         raise ValueError(f"--data {args.data} returned no batches.")
+    for i, batch in enumerate(data):
+        if (
+            not isinstance(batch, (tuple, list))
+            or len(batch) != 2
+            or not isinstance(batch[0], (torch.Tensor, Mapping))
+            or not isinstance(batch[1], torch.Tensor)
+        ):
+            raise TypeError(
+                f"--data {args.data}: batch {i} must be an (X, y) pair with X a tensor (or a "
+                f"mapping of tensors) and y a tensor; got {_describe(batch)}."
+            )
     model = model.to(device=device, dtype=dtype).eval()
-    cast = lambda t: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
+
+    def cast(t):
+        if isinstance(t, Mapping):  # mapping inputs (as Hugging Face models take)
+            return {key: cast(value) for key, value in t.items()}
+        if not isinstance(t, torch.Tensor):
+            return t  # a non-tensor model option (a flag, a string) passes through
+        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
     return model, loss_fn, [(cast(X), cast(y)) for X, y in data]
+
+
+def _describe(batch) -> str:
+    if isinstance(batch, (tuple, list)):
+        return f"{type(batch).__name__} of ({', '.join(type(b).__name__ for b in batch)})"
+    return type(batch).__name__
+
+
+def _finite(value):
+    """``value`` with NaN and ±inf replaced by ``None``: JSON has no such numbers."""
+    if isinstance(value, dict):
+        return {key: _finite(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plot_report(report, out / "report.png")
     numbers = {k: v for k, v in report.items() if not k.startswith("_")}
-    (out / "report.json").write_text(json.dumps(numbers, indent=2))
+    # Strict JSON (allow_nan=False): an undefined number is written as null, not as NaN.
+    (out / "report.json").write_text(json.dumps(_finite(numbers), indent=2, allow_nan=False))
     _print_summary(numbers)
     print(f"wrote {out / 'report.json'} and {out / 'report.png'}")
     return 0

@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.methods) - set(_METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; expected names from {list(_METHODS)}.")
+    repeated = sorted({m for m in args.methods if args.methods.count(m) > 1})
+    if repeated:  # their rows would be indistinguishable in curves.csv and the plot's legend
+        raise ValueError(f"--methods names {repeated} more than once; name each method once.")
     for option in ("steps", "eval_every", "layers", "width", "heads", "context", "batch", "vocab"):
         if getattr(args, option) < 1:
             raise ValueError(
