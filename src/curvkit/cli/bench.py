@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Scripts that take a plain ``--quick`` smoke-test mode; the order is the layers' order.
@@ -52,12 +54,21 @@ def run(args: argparse.Namespace) -> int:
             f"unknown benchmark(s) {unknown}; expected names from {list(_BENCHMARKS)}."
         )
     folder = _benchmark_dir()
-    failed = []
-    for name in args.names or _BENCHMARKS:
-        command = [sys.executable, str(folder / f"{name}.py")] + (["--quick"] if args.quick else [])
-        print(f"== {name}: {' '.join(command[1:])}", flush=True)
-        if subprocess.run(command, cwd=folder.parent).returncode != 0:
-            failed.append(name)
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.quick:
+            # Smoke-test numbers must not replace the recorded results: the scripts write next
+            # to themselves (benchmarks/results), so run copies of them in a scratch folder.
+            copy = Path(scratch) / "benchmarks"
+            shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("results", "__pycache__"))
+            (copy / "results").mkdir()
+            folder = copy
+        failed = []
+        for name in args.names or _BENCHMARKS:
+            command = [sys.executable, str(folder / f"{name}.py")]
+            command += ["--quick"] if args.quick else []
+            print(f"== {name}: {' '.join(command[1:])}", flush=True)
+            if subprocess.run(command, cwd=folder.parent).returncode != 0:
+                failed.append(name)
     if failed:
         print(f"curvkit bench: failed: {', '.join(failed)}", file=sys.stderr)
         return 1
