@@ -39,3 +39,16 @@ def test_float32_functional_reuse_still_raises():
     with pytest.raises(ValueError, match="not accounted for"):
         KFAC(Reuse().float(), nn.MSELoss(), data)
 
+
+
+def test_embedding_max_norm_is_refused_before_any_forward_touches_the_weight():
+    torch.manual_seed(0)
+    emb = nn.Embedding(6, 3, max_norm=0.5)
+    with torch.no_grad():
+        emb.weight.mul_(10)  # rows far above max_norm: a forward would shrink them in place
+    model = nn.Sequential(emb, nn.Flatten(), nn.Linear(6, 2))
+    before = emb.weight.detach().clone()
+    data = [(torch.randint(0, 6, (4, 2)), torch.randn(4, 2))]
+    with pytest.raises(ValueError, match="max_norm rewrites its weight"):
+        KFAC(model, nn.MSELoss(), data)
+    assert torch.equal(emb.weight, before)

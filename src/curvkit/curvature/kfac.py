@@ -143,6 +143,10 @@ class KFAC(LinearOperator):
                             f"{type(separate_bias).__name__}.")
         loss = output_loss(loss_fn, caller=name, analytic=True)
         selected = resolve_params(model, params, name)
+        # Refuse tied weights and layers without a block before any forward pass (the data
+        # engine's determinism check runs two): an Embedding's max_norm would already have
+        # rewritten the weight by then.
+        plan_layers(model, selected, separate_bias=separate_bias)
         # With compute=False nothing reads the data yet: the determinism check (two passes)
         # waits for the first compute(), so the data may still be in the making.
         self.engine = DataEngine(model, loss, data, selected, caller=name, progress=progress,

@@ -74,6 +74,9 @@ class KroneckerRule:
         """Number of independent weight groups (convolution ``groups``; 1 otherwise)."""
         return 1
 
+    def check_module(self, module: nn.Module) -> None:
+        """Raise for a configuration of the layer that has no Kronecker block (at planning)."""
+
     def has_bias(self, module: nn.Module) -> bool:
         """Whether the module has a bias parameter."""
         return getattr(module, "bias", None) is not None
@@ -239,7 +242,9 @@ class EmbeddingRule(KroneckerRule):
     def has_bias(self, module):
         return False
 
-    def inputs(self, module, x):
+    def check_module(self, module):
+        # Before any forward pass: with max_norm the forward itself would already have
+        # renormalised the user's weight in place by the time an error could be raised.
         if module.max_norm is not None:
             raise ValueError("KFAC: nn.Embedding with max_norm rewrites its weight during the "
                              "forward pass; its curvature is not defined. Use max_norm=None.")
@@ -247,6 +252,8 @@ class EmbeddingRule(KroneckerRule):
             raise ValueError("KFAC: nn.Embedding with scale_grad_by_freq divides its gradient by "
                              "the tokens' counts in the batch, so its curvature depends on the "
                              "batching. Use scale_grad_by_freq=False.")
+
+    def inputs(self, module, x):
         N = _batch_first(x, module, "input")
         # nn.Embedding takes int32 indices too; one_hot only int64
         onehot = F.one_hot(x.reshape(N, -1).long(), module.num_embeddings).to(module.weight.dtype)

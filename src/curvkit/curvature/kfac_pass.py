@@ -108,6 +108,8 @@ def plan_layers(model: nn.Module, params: dict[str, Tensor], *, separate_bias: b
             roles[role] = name
             owner[name] = path
         if roles:
+            if hasattr(rule, "check_module"):
+                rule.check_module(module)
             has_both = "weight" in roles and "bias" in roles
             layers.append(LayerPlan(path, module, rule, roles.get("weight"), roles.get("bias"),
                                     joint=has_both and not separate_bias))
