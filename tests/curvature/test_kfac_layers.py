@@ -590,3 +590,30 @@ def test_channels_last_pass_falls_back_for_models_that_need_their_layout():
         a = cls(flat, loss_fn, data).to_dense()
         b = cls(viewed, loss_fn, data).to_dense()
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+class MeanPositions(nn.Module):
+    def forward(self, x):
+        return x.mean(-1)
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_instance_norm_blocks_equal_the_ggn_blocks(running):
+    # InstanceNorm normalises each example on its own (or with running statistics in eval
+    # mode): its affine gradients per example are exact, so its block is the GGN block.
+    torch.manual_seed(0)
+    norm = nn.InstanceNorm1d(4, affine=True, track_running_stats=running)
+    with torch.no_grad():
+        norm.weight.add_(0.3 * torch.randn(4))
+        norm.bias.add_(0.3 * torch.randn(4))
+        if running:
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 1.5)
+    model = nn.Sequential(nn.Conv1d(3, 4, 1), norm, nn.Tanh(), MeanPositions(), nn.Linear(4, 3))
+    model.eval()
+    data = class_data((3, 5), 3, sizes=(3, 4))
+    loss_fn = nn.CrossEntropyLoss()
+    K = KFAC(model, loss_fn, data, other="error").to_dense()  # no longer an "other" parameter
+    R = dense_ggn(model, loss_fn, data)
+    mask = layer_mask(model, [["1.weight", "1.bias"]])
+    torch.testing.assert_close(K[mask], R[mask])

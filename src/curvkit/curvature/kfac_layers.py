@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from curvkit.linalg.gram import gram
 
@@ -333,6 +334,15 @@ class BatchNormRule(NormRule):
         return (x - mean) / torch.sqrt(var + module.eps)
 
 
+class InstanceNormRule(NormRule):
+    def normalized(self, module, x):
+        # Per-example statistics (training mode, or no running statistics kept) couple no
+        # examples, so these gradients stay exact; momentum 0 leaves running statistics as is.
+        use_input = module.training or not module.track_running_stats
+        running = (None, None) if use_input else (module.running_mean, module.running_var)
+        return F.instance_norm(x, *running, None, None, use_input, 0.0, module.eps)
+
+
 _RULES: tuple[tuple[type, object], ...] = (
     (nn.Linear, LinearRule()),
     (_ConvNd, ConvRule()),
@@ -341,6 +351,7 @@ _RULES: tuple[tuple[type, object], ...] = (
     (nn.RMSNorm, RMSNormRule()),
     (nn.GroupNorm, GroupNormRule()),
     (_BatchNorm, BatchNormRule()),
+    (_InstanceNorm, InstanceNormRule()),
 )
 
 
