@@ -18,8 +18,8 @@ weight-sharing settings of Eschenhagen et al. (2023).
 Layers: ``nn.Linear`` (any leading dimensions), ``nn.Conv1d/2d/3d`` (one block per group),
 ``nn.Embedding`` (``A ⊗ G`` on ``W (V, D)``); the affine parameters of ``LayerNorm``,
 ``RMSNorm``, ``GroupNorm``, ``BatchNorm`` and ``InstanceNorm`` get a dense block of their exact
-per-example gradients; any other parameter a diagonal or dense block (``other=``) computed exactly from the
-same vectors, or an error.
+per-example gradients; any other parameter a diagonal or dense block (``other=``) computed
+exactly from the same vectors, or an error.
 
 References:
     Martens & Grosse (2015), Optimizing neural networks with Kronecker-factored approximate
