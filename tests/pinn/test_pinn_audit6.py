@@ -159,3 +159,12 @@ def test_heat_and_fokker_planck_boundary_points_lie_where_their_conditions_hold(
             assert int(initial.sum()) == 101 and bool(spatial[~initial].all())
         else:
             assert bool(initial.all())
+
+
+def test_l2_error_names_a_model_with_several_outputs():
+    problem = poisson(2)
+    model = mlp(2, (4,), out_dim=2, generator=torch.Generator().manual_seed(0))
+    X = problem.sample_interior(5, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"l2_error: the model must give one value per point.*"
+                       r"got \(5, 2\)"):
+        problem.l2_error(model, X)

@@ -193,7 +193,13 @@ class Problem:
         """
         _check_fits(model, X, "X has", f"{type(self).__name__}.l2_error")
         with torch.no_grad():
-            u = model(X).reshape(-1)
+            u = model(X)
+            if u.shape not in ((X.shape[0],), (X.shape[0], 1)):
+                raise ValueError(
+                    f"{type(self).__name__}.l2_error: the model must give one value per point, "
+                    f"shape ({X.shape[0]},) or ({X.shape[0]}, 1); got {tuple(u.shape)}."
+                )
+            u = u.reshape(-1)
             exact = self._checked(self.solution(X), X, "solution")
             return float((u - exact).square().mean().sqrt())
 
