@@ -9,6 +9,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # two workers on two cores; avoid oversubscription
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of many tiny calls: OpenMP's thread hand-off costs more than
+    it saves there, and spin-waits on a shared, loaded machine (restored afterwards)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _float64_default():
     """Run every test with float64 as the default dtype, restoring the previous one after."""

@@ -126,3 +126,14 @@ class MeanOverPositions(nn.Module):
 def seeded(fn, seed=0):
     torch.manual_seed(seed)  # test-only: deterministic module initialisation
     return fn()
+
+
+class FunctionalReuse(nn.Module):
+    """A Linear whose weight is used a second time outside its module (``F.linear``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return nn.functional.linear(self.lin(x), self.lin.weight)

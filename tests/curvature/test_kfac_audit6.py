@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kfac_cases import regression_data
+from kfac_cases import FunctionalReuse, regression_data
 from torch import nn
 
 from curvkit.curvature.kfac import KFAC
@@ -27,17 +27,9 @@ def test_float32_convolutions_pass_the_weight_tying_check(fisher):
 
 
 def test_float32_functional_reuse_still_raises():
-    class Reuse(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 3)
-
-        def forward(self, x):
-            return nn.functional.linear(self.lin(x), self.lin.weight)
-
     data = [(x.float(), y.float()) for x, y in regression_data((3,), (3,))]
     with pytest.raises(ValueError, match="not accounted for"):
-        KFAC(Reuse().float(), nn.MSELoss(), data)
+        KFAC(FunctionalReuse().float(), nn.MSELoss(), data)
 
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from kfac_cases import (
     ChannelsLast,
+    FunctionalReuse,
     class_data,
     dense_ggn,
     layer_mask,
@@ -261,17 +262,9 @@ def test_tied_weights_across_modules_raise():
 
 
 def test_functional_reuse_of_a_layer_weight_raises():
-    class Reuse(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(3, 3)
-
-        def forward(self, x):
-            return nn.functional.linear(self.lin(x), self.lin.weight)
-
     data = regression_data((3,), (3,))
     with pytest.raises(ValueError, match="not accounted for"):
-        KFAC(Reuse(), nn.MSELoss(), data)
+        KFAC(FunctionalReuse(), nn.MSELoss(), data)
 
 
 

@@ -1,10 +1,11 @@
 import pytest
 import torch
+from pinn_references import reference_residuals
 from torch import nn
-from torch.func import functional_call, hessian, jacrev, vmap
+from torch.func import hessian, jacrev, vmap
 
 from curvkit.pinn.jacobian import DenseResidualJacobian, ResidualJacobian, linearize
-from curvkit.pinn.problems import Batch, Derivatives, heat, log_fokker_planck, mlp, poisson
+from curvkit.pinn.problems import Batch, heat, log_fokker_planck, mlp, poisson
 from curvkit.pinn.residuals import Sin, derivatives, loss, residuals
 
 
@@ -33,27 +34,6 @@ CASES = {
 }
 
 
-def _reference_residuals(model, problem, batch):
-    """r̃(θ) by torch.func nested autograd, written out here independently of the library."""
-    X_in, X_bd = batch
-    idx = list(problem.laplacian_index)
-
-    def r(params):
-        u = lambda x: functional_call(model, params, (x.unsqueeze(0),)).reshape(())  # noqa: E731
-        H = vmap(hessian(u))(X_in)
-        d = Derivatives(
-            vmap(u)(X_in), vmap(jacrev(u))(X_in), H.diagonal(dim1=1, dim2=2)[:, idx].sum(1)
-        )
-        r_in = problem.residual(X_in, d) / X_in.shape[0] ** 0.5
-        r_bd = (vmap(u)(X_bd) - problem.solution(X_bd)) / X_bd.shape[0] ** 0.5
-        return torch.cat([r_in, r_bd])
-
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    jac = jacrev(r)(params)
-    J = torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in params], dim=1)
-    return r(params), J
-
-
 @pytest.mark.parametrize("kind", ["tanh", "sigmoid", "sin_nobias"])
 @pytest.mark.parametrize("case", CASES)
 def test_layerwise_jacobian_matches_autograd(case, kind):
@@ -61,7 +41,7 @@ def test_layerwise_jacobian_matches_autograd(case, kind):
     g = torch.Generator().manual_seed(0)
     model = _model(kind, problem.dim, g)
     batch = problem.sample(7, 5, generator=g)
-    r_ref, J_ref = _reference_residuals(model, problem, batch)
+    r_ref, J_ref = reference_residuals(model, problem, batch)
     lin = linearize(model, problem, batch)
     assert isinstance(lin, ResidualJacobian)
     torch.testing.assert_close(lin.residual, r_ref, rtol=1e-12, atol=1e-13)
@@ -110,7 +90,7 @@ def test_residuals_and_loss_gradient_match_reference():
     g = torch.Generator().manual_seed(1)
     model = mlp(problem.dim, (6, 5), generator=g)
     batch = problem.sample(9, 4, generator=g)
-    r_ref, J_ref = _reference_residuals(model, problem, batch)
+    r_ref, J_ref = reference_residuals(model, problem, batch)
     torch.testing.assert_close(residuals(model, problem, batch), r_ref, rtol=1e-12, atol=1e-13)
     L = loss(model, problem, batch)
     grads = torch.autograd.grad(L, list(model.parameters()))
@@ -148,7 +128,7 @@ def test_unsupported_model_falls_back_to_dense_jacobian():
     batch = problem.sample(6, 4, generator=g)
     lin = linearize(model, problem, batch)
     assert isinstance(lin, DenseResidualJacobian)
-    r_ref, J_ref = _reference_residuals(model, problem, batch)
+    r_ref, J_ref = reference_residuals(model, problem, batch)
     torch.testing.assert_close(lin.to_dense(), J_ref, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(lin.kernel(), J_ref @ J_ref.T, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(residuals(model, problem, batch), r_ref, rtol=1e-12, atol=1e-13)

@@ -6,13 +6,12 @@ import warnings
 
 import pytest
 import torch
+from pinn_references import reference_residuals
 from torch import nn
-from torch.func import functional_call, hessian, jacrev, vmap
 
 from curvkit.pinn.history import History, plot_histories
 from curvkit.pinn.jacobian import linearize
 from curvkit.pinn.problems import (
-    Derivatives,
     heat,
     linear_pde,
     log_fokker_planck,
@@ -98,26 +97,6 @@ def test_plots_of_empty_or_non_positive_histories_do_not_warn(tmp_path):
 
 
 # --------------------------------------------------------------------------- coverage
-def _reference(model, problem, batch):
-    """r̃ and J = ∂r̃/∂θ by torch.func nested autograd, independently of the library."""
-    X_in, X_bd = batch
-    idx = list(problem.laplacian_index)
-
-    def r(params):
-        u = lambda x: functional_call(model, params, (x.unsqueeze(0),)).reshape(())  # noqa: E731
-        H = vmap(hessian(u))(X_in)
-        d = Derivatives(
-            vmap(u)(X_in), vmap(jacrev(u))(X_in), H.diagonal(dim1=1, dim2=2)[:, idx].sum(1)
-        )
-        r_in = problem.residual(X_in, d) / X_in.shape[0] ** 0.5
-        r_bd = (vmap(u)(X_bd) - problem.solution(X_bd)) / X_bd.shape[0] ** 0.5
-        return torch.cat([r_in, r_bd])
-
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    jac = jacrev(r)(params)
-    return r(params), torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in params], dim=1)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_jacobians_of_unusual_mlps_match_torch_func(dtype):
     # Two Linears in a row, an activation after the last Linear, Identity layers, sigmoid / sin,
@@ -137,7 +116,7 @@ def test_jacobians_of_unusual_mlps_match_torch_func(dtype):
         model = model.to(dtype)
         for n_in, n_bd in ((1, 1), (3, 2)):
             batch = problem.sample(n_in, n_bd, generator=g, dtype=dtype)
-            r_ref, J_ref = _reference(model, problem, batch)
+            r_ref, J_ref = reference_residuals(model, problem, batch)
             torch.testing.assert_close(residuals(model, problem, batch), r_ref, **tol)
             # the general path (dense=True) is checked in float64 only, to keep the test fast
             for dense in (False, True) if dtype == torch.float64 else (False,):

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from torch.func import functional_call, hessian, jacrev, vmap
+from pinn_references import reference_residuals
 
 from curvkit.pinn import (
     ENGD,
@@ -34,19 +34,12 @@ from curvkit.pinn import (
     train,
 )
 from curvkit.pinn import _mlp as mlp_module
-from curvkit.pinn.base import Derivatives
 from curvkit.pinn.residuals import taylor_residuals
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny problems: OpenMP's thread hand-off costs more than it saves (as in tests/optim)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems (tests/conftest.py)
 
 
 PROBLEMS = {
@@ -99,25 +92,6 @@ def test_points_sampled_for_the_device_are_the_cpu_points(problem, device):
 
 
 # --------------------------------------------------------------------------- residuals, J
-def _reference_jacobian(model, problem, batch):
-    """r̃ and J by nested torch.func autograd (independent of the library), on their device."""
-    X_in, X_bd = batch
-    idx = list(problem.laplacian_index)
-    names = [k for k, _ in model.named_parameters()]
-
-    def r(params):
-        u = lambda x: functional_call(model, params, (x.unsqueeze(0),)).reshape(())  # noqa: E731
-        lap = vmap(hessian(u))(X_in).diagonal(dim1=1, dim2=2)[:, idx].sum(1)
-        d = Derivatives(vmap(u)(X_in), vmap(jacrev(u))(X_in), lap)
-        r_in = problem.residual(X_in, d) / X_in.shape[0] ** 0.5
-        r_bd = (vmap(u)(X_bd) - problem.solution(X_bd)) / X_bd.shape[0] ** 0.5
-        return torch.cat([r_in, r_bd])
-
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    jac = jacrev(r)(params)
-    return r(params), torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in names], dim=1)
-
-
 @pytest.mark.parametrize("name", list(PROBLEMS))
 def test_residuals_and_jacobian_on_device_equal_cpu(name, device):
     problem, model, batch = _setup(name)
@@ -140,7 +114,7 @@ def test_residuals_and_jacobian_on_device_equal_cpu(name, device):
     assert lin.device == device and J.device == device and lin.residual.device == device
     _close(lin.residual, lin_cpu.residual)
     _close(J, lin_cpu.to_dense())
-    r_ref, J_ref = _reference_jacobian(dev_model, problem, dev_batch)
+    r_ref, J_ref = reference_residuals(dev_model, problem, dev_batch)
     assert J_ref.device == device
     _close(J, J_ref.cpu())
     _close(lin.residual, r_ref.cpu())

@@ -52,3 +52,20 @@ def biharmonic_reference(f, X):
         return hessian(g)(x).diagonal(dim1=-2, dim2=-1).sum(-1)
 
     return vmap(hessian(lap))(X).diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def standard_laplacian(params):
+    """Standard (non-collapsed) Taylor mode of a tanh MLP ``[(W, b), ...]`` written out with a
+    direction axis, summed over it: ``fn(x0, X1, X2)`` for the rewrite tests to collapse."""
+
+    def fn(x0, X1, X2):
+        for i, (W, b) in enumerate(params):
+            x0, X1, X2 = x0 @ W.T + b, X1 @ W.T, X2 @ W.T
+            if i < len(params) - 1:
+                t = torch.tanh(x0)
+                d1 = 1 - t * t
+                d2 = -2 * t * d1
+                x0, X1, X2 = t, d1 * X1, d1 * X2 + d2 * X1 * X1
+        return X2.sum(0)
+
+    return fn

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from taylor_references import laplacian_reference
+from taylor_references import laplacian_reference, standard_laplacian
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from curvkit.taylor import rewrite
@@ -95,25 +95,9 @@ def _mlp_params(g, widths=(D, 6, 4, 1)):
             for a, b in zip(widths[:-1], widths[1:])]
 
 
-def _standard_laplacian(params):
-    """Standard (non-collapsed) Taylor mode written out with a direction axis, then summed."""
-
-    def fn(x0, X1, X2):
-        for i, (W, b) in enumerate(params):
-            x0, X1, X2 = x0 @ W.T + b, X1 @ W.T, X2 @ W.T
-            if i < len(params) - 1:
-                t = torch.tanh(x0)
-                d1 = 1 - t * t
-                d2 = -2 * t * d1
-                x0, X1, X2 = t, d1 * X1, d1 * X2 + d2 * X1 * X1
-        return X2.sum(0)
-
-    return fn
-
-
 def test_collapse_rewrite_turns_standard_into_collapsed_laplacian():
     params = _mlp_params(torch.Generator().manual_seed(0))
-    fn = _standard_laplacian(params)
+    fn = standard_laplacian(params)
     X = torch.randn(N, D)
     directions = torch.eye(D).unsqueeze(1).expand(D, N, D).contiguous()
     inputs = [X, directions, torch.zeros(D, N, D)]

@@ -10,7 +10,13 @@ import copy
 
 import pytest
 import torch
-from taylor_references import biharmonic_reference, hessians, jet_reference, laplacian_reference
+from taylor_references import (
+    biharmonic_reference,
+    hessians,
+    jet_reference,
+    laplacian_reference,
+    standard_laplacian,
+)
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -27,13 +33,7 @@ from curvkit.taylor.rewrite import simplify
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny problems: OpenMP's thread hand-off costs more than it saves (as in tests/optim)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems (tests/conftest.py)
 
 
 D = 3
@@ -227,22 +227,6 @@ def test_operator_follows_the_model_across_devices(device):
     _close(op(X).operator, on_cpu.operator)
 
 
-def _standard_laplacian(params):
-    """Standard (non-collapsed) Taylor mode of a tanh MLP with a direction axis, then summed."""
-
-    def fn(x0, X1, X2):
-        for i, (W, b) in enumerate(params):
-            x0, X1, X2 = x0 @ W.T + b, X1 @ W.T, X2 @ W.T
-            if i < len(params) - 1:
-                t = torch.tanh(x0)
-                d1 = 1 - t * t
-                d2 = -2 * t * d1
-                x0, X1, X2 = t, d1 * X1, d1 * X2 + d2 * X1 * X1
-        return X2.sum(0)
-
-    return fn
-
-
 def test_collapsing_rewrite_on_device_equals_cpu(device):
     g = _gen(11)
     widths = (D, 6, 4, 1)
@@ -259,7 +243,7 @@ def test_collapsing_rewrite_on_device_equals_cpu(device):
             torch.eye(D, dtype=F64, device=dev).unsqueeze(1).expand(D, 5, D).contiguous(),
             torch.zeros(D, 5, D, dtype=F64, device=dev),
         ]
-        gm = make_fx(_standard_laplacian(moved))(*inputs)
+        gm = make_fx(standard_laplacian(moved))(*inputs)
         gm, counts = simplify(gm, inputs, check=True)
         assert counts["pull_sum"] >= len(params)
         out = gm(*inputs)
