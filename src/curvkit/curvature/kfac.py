@@ -32,7 +32,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -48,6 +47,7 @@ from curvkit.curvature.kfac_pass import (
     backprop_vectors,
     plan_layers,
 )
+from curvkit.curvature.kfac_state import LayerSpec, check_state
 from curvkit.curvature.losses import output_loss
 from curvkit.linalg import LinearOperator
 
@@ -55,24 +55,6 @@ __all__ = ["KFAC"]
 
 _APPROX = ("expand", "reduce")
 _OTHER = ("diagonal", "dense", "error")
-
-
-@dataclass
-class LayerSpec:
-    """What a layer's factors mean, without the module (enough to rebuild from a state dict)."""
-
-    path: str
-    kind: str  # "kron" or "norm"
-    order: str  # "GA" or "AG" for kron
-    weight: str | None
-    bias: str | None
-    joint: bool
-
-    @classmethod
-    def of(cls, plan: LayerPlan) -> LayerSpec:
-        order = plan.rule.order if plan.is_kron else ""
-        return cls(plan.path, "kron" if plan.is_kron else "norm", order, plan.weight, plan.bias,
-                   plan.joint)
 
 
 class KFAC(LinearOperator):
@@ -512,14 +494,17 @@ class KFAC(LinearOperator):
             f"{name}(model, loss_fn, data, compute=False).load_state_dict(old.state_dict())."
         )
 
+    def _options(self) -> dict:
+        """The options that define the factors (saved with them, compared on loading)."""
+        return {"fisher": self.fisher, "mc_samples": self.mc_samples, "approx": self.approx,
+                "separate_bias": self.separate_bias, "other": self.other}
+
     def state_dict(self) -> dict:
         """Factors and the options that define them (tensors and plain Python values only)."""
         self._require("state_dict")
         return {
             "type": type(self).__name__,
-            "options": {"fisher": self.fisher, "mc_samples": self.mc_samples,
-                        "approx": self.approx, "separate_bias": self.separate_bias,
-                        "other": self.other},
+            "options": self._options(),
             "params": {n: tuple(p.shape) for n, p in self.engine.params.items()},
             "layers": [vars(s).copy() for s in self.specs],
             "others": list(self.others),
@@ -539,8 +524,7 @@ class KFAC(LinearOperator):
         missing = {"options", "params", "layers", "others", "factors"} - set(state)
         if missing:
             raise ValueError(f"{name}.load_state_dict: the state lacks {sorted(missing)}.")
-        mine = {"fisher": self.fisher, "mc_samples": self.mc_samples, "approx": self.approx,
-                "separate_bias": self.separate_bias, "other": self.other}
+        mine = self._options()
         if state["options"] != mine:
             raise ValueError(f"{name}.load_state_dict: options differ: saved {state['options']}, "
                              f"this operator {mine}.")
@@ -550,46 +534,11 @@ class KFAC(LinearOperator):
                              f"{state['params']}, this operator {shapes}.")
         specs = [LayerSpec(**s) for s in state["layers"]]
         others = list(state["others"])
-        self._check_state(specs, others, state["factors"])
+        check_state(self, specs, others, state["factors"])
         self.specs, self.others = specs, others
         self.factors = {k: {r: t.to(dtype=self.dtype, device=self.device) for r, t in v.items()}
                         for k, v in state["factors"].items()}
         self._build()
-
-    def _check_state(self, specs: list[LayerSpec], others: list[str], factors: dict) -> None:
-        """Refuse a state whose layers or factor shapes are not this model's.
-
-        Equal parameter names and shapes do not make the same blocks: a bias-free ``Linear``
-        and an ``Embedding``, a convolution with other ``groups``, a norm layer and a custom
-        module all hold a ``weight`` of one shape, and their factors would be read wrongly.
-        """
-        name = type(self).__name__
-        params = self.engine.params
-        plans = {p.path: p for p in plan_layers(self.model, params,
-                                                separate_bias=self.separate_bias)[0]}
-        covered = others + [n for s in specs for n in (s.weight, s.bias) if n is not None]
-        if sorted(covered) != sorted(params):
-            raise ValueError(f"{name}.load_state_dict: the saved blocks cover {sorted(covered)}; "
-                             f"this operator's parameters are {sorted(params)}.")
-
-        def check(label: str, want: dict[str, tuple]) -> None:
-            got = factors.get(label)
-            saved = None if got is None else {k: tuple(t.shape) for k, t in got.items()}
-            if saved != want:
-                raise ValueError(f"{name}.load_state_dict: the factors of {label!r} are not this "
-                                 f"model's: saved {saved}, expected {want}.")
-
-        for spec in specs:
-            plan = plans.get(spec.path)
-            if plan is None or LayerSpec.of(plan) != spec:
-                raise ValueError(
-                    f"{name}.load_state_dict: saved layer {spec.path!r} ({spec.kind} block of "
-                    f"{[n for n in (spec.weight, spec.bias) if n]}) is not this model's "
-                    f"{'layer ' + repr(LayerSpec.of(plan)) if plan else 'structure'}.")
-            check(spec.path, self._factor_shapes(spec, plan))
-        for n in others:
-            numel = params[n].numel()
-            check(n, {self.other: (numel,) if self.other == "diagonal" else (numel, numel)})
 
     def _factor_shapes(self, spec: LayerSpec, plan: LayerPlan) -> dict[str, tuple]:
         """The shapes of a layer's factors, by key (as ``_store`` and ``factors`` hold them)."""
