@@ -30,6 +30,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Literal
@@ -316,20 +317,15 @@ class KFAC(LinearOperator):
         self._shared_paths = fp.shared_paths
         self.factors = {}
         it = iter(totals)
+        checks = []  # per Kronecker layer: (its weight count, its factors' diagonal sum)
         for plan, spec in zip(fp.layers, self.specs):
             if spec.kind == "kron":
                 A_sum, count, G = next(it), next(it), next(it)
-                if not count.item() > 0:  # A is a weighted mean over no weight: 0/0
-                    raise ValueError(f"KFAC: layer {spec.path!r} has no input of nonzero weight "
-                                     "in the data (the example weights sum to 0); its input "
-                                     "factor is undefined.")
                 A, G = A_sum.div_(count), scaled(G)  # the pass's own tensors
                 # Both are Grams (PSD): |X_ij| <= sqrt(X_ii X_jj) bounds every entry by the
                 # diagonal, and a NaN or inf in the vectors reaches the diagonal, so the
                 # diagonal's sum tells whether the whole factor is finite (d, not d², reads).
-                if not (_diagonal_sum(A) + _diagonal_sum(G)).isfinite():
-                    raise ValueError(f"KFAC: the factors of layer {spec.path!r} are not finite; "
-                                     "the data, the model's outputs or the loss hold NaN or inf.")
+                checks.append((spec.path, count.reshape(()), _diagonal_sum(A) + _diagonal_sum(G)))
                 if self.fisher == "forward_only":
                     d_out = self._d_out(plan.module, spec, A.shape[0])
                     G = torch.eye(d_out, dtype=A.dtype, device=A.device).expand(
@@ -338,6 +334,7 @@ class KFAC(LinearOperator):
             else:
                 self.factors[spec.path] = {r: scaled(next(it)) for r in
                                            (("joint",) if spec.joint else plan.roles)}
+        _check_layers(checks)
         for name in self.others:
             self.factors[name] = {self.other: scaled(next(it))}
         self._build()
@@ -555,6 +552,25 @@ class KFAC(LinearOperator):
         d_out = self._d_out(plan.module, spec, groups)
         d_in = weight[0].numel() + spec.joint  # Linear (d_out, d_in), Conv (C_out, C_in/g, *k)
         return {"A": (groups, d_in, d_in), "G": (groups, d_out, d_out)}
+
+
+def _check_layers(checks: list[tuple[str, Tensor, Tensor]]) -> None:
+    """Refuse layers without input weight or with non-finite factors.
+
+    ``checks`` holds per layer ``(path, weight count, diagonal sum)`` as 0-d tensors, read back
+    together: one device synchronisation for the whole model, not two per layer (each stalls
+    an accelerator's launch queue).
+    """
+    if not checks:
+        return
+    values = torch.stack([torch.stack([c, s.to(c.dtype)]) for _, c, s in checks]).tolist()
+    for (path, _, _), (count, diagonal) in zip(checks, values):
+        if not count > 0:  # A is a weighted mean over no weight: 0/0
+            raise ValueError(f"KFAC: layer {path!r} has no input of nonzero weight in the data "
+                             "(the example weights sum to 0); its input factor is undefined.")
+        if not math.isfinite(diagonal):
+            raise ValueError(f"KFAC: the factors of layer {path!r} are not finite; the data, "
+                             "the model's outputs or the loss hold NaN or inf.")
 
 
 def _diagonal_sum(X: Tensor) -> Tensor:

@@ -242,8 +242,8 @@ class _CrossEntropy(OutputLoss):
                        torch.full((1, 1, 1, 1), -1.0, dtype=p.dtype, device=p.device)
                        .expand(mc_samples, N, T, 1))
         w = self._term_weights(y, p.dtype)
-        if w is not None and not bool((w == 1).all()):  # ignored tokens, target mass
-            G = G * w.reshape(1, N, T, 1).sqrt()
+        if w is not None:  # ignored tokens, target mass (multiplied even when all ones: a
+            G.mul_(w.reshape(1, N, T, 1).sqrt())  # test for that would synchronise a device)
         shape = output.shape  # back to the output layout, as views
         return G.reshape(mc_samples, shape[0], *shape[2:], shape[1]).movedim(-1, 2)
 
