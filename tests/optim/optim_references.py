@@ -31,30 +31,59 @@ def align_to(Q_old, Q_new):
     return Q * torch.sign(torch.diagonal(Q_old.T @ Q))
 
 
+def kron_all(mats):
+    out = mats[0].contiguous()  # torch.kron refuses some non-contiguous views
+    for M in mats[1:]:
+        out = torch.kron(out, M.contiguous())
+    return out
+
+
+def map_second_moment(V, Q_old, Q_new):
+    """Diagonal second moment ``V`` (coordinates in the bases ``Q_old``, one per axis) carried
+    into the bases ``Q_new``: the diagonal of the dense matrix ``K_old diag(vec V) K_oldᵀ``
+    (``K = ⊗ Q_k``, row-major vec) seen in the new basis ``K_new``."""
+    K_old, K_new = kron_all(Q_old), kron_all(Q_new)
+    C = K_old @ torch.diag(V.flatten()) @ K_old.T
+    return torch.diagonal(K_new.T @ C @ K_new).reshape(V.shape)
+
+
 class DenseSOAP:
-    """SOAP on one matrix (m, n), as in the reference: first step initialises only."""
+    """SOAP on one matrix (m, n), as in the reference: first step initialises only.
+
+    With ``start > 0`` the steps before and at ``start`` are Adam in the identity basis; the
+    eigh basis of the factors is taken at the end of step ``start`` and the second moment is
+    carried into it by :func:`map_second_moment` (as it is at every refresh with
+    ``second_moment="map"``).
+    """
 
     def __init__(self, shape, *, lr, betas, eps, wd, freq, shampoo_beta=None, method="qr",
-                 right=True):
+                 right=True, start=0, second_moment="keep"):
         m, n = shape
         self.right = right
         self.L, self.R = torch.zeros(m, m), torch.zeros(n, n)
         self.M, self.V = torch.zeros(m, n), torch.zeros(m, n)
         self.QL = self.QR = None
+        if start > 0:
+            self.QL, self.QR = torch.eye(m), torch.eye(n)
         self.lr, self.betas, self.eps, self.wd, self.freq = lr, betas, eps, wd, freq
         self.sb = betas[1] if shampoo_beta is None else shampoo_beta
         self.method, self.t = method, 0
+        self.start, self.second_moment, self.s = start, second_moment, 0
 
     def _update_factors(self, G):
         self.L = self.sb * self.L + (1 - self.sb) * G @ G.T
         self.R = self.sb * self.R + (1 - self.sb) * G.T @ G
 
+    def _eig_bases(self):
+        QL, QR = sym_eig_desc(self.L)[1], sym_eig_desc(self.R)[1]
+        return QL, (QR if self.right else torch.eye(self.R.shape[0]))
+
     def step(self, W, G):
+        s = self.s  # 0-based step index
+        self.s += 1
         if self.QL is None:
             self._update_factors(G)
-            self.QL, self.QR = sym_eig_desc(self.L)[1], sym_eig_desc(self.R)[1]
-            if not self.right:
-                self.QR = torch.eye(self.R.shape[0])
+            self.QL, self.QR = self._eig_bases()
             return W
         self.t += 1
         b1, b2 = self.betas
@@ -65,8 +94,14 @@ class DenseSOAP:
         size = self.lr * (1 - b2**self.t) ** 0.5 / (1 - b1**self.t)
         W = W * (1 - self.lr * self.wd) - size * N
         self._update_factors(G)
-        if self.t % self.freq == 0:
-            M_param = self.QL @ self.M @ self.QR.T
+        old = [self.QL, self.QR]
+        V_old = self.V
+        M_param = self.QL @ self.M @ self.QR.T
+        if s == self.start:  # a late start: the first (eigh) basis, from the identity
+            self.QL, self.QR = self._eig_bases()
+            self.M = self.QL.T @ M_param @ self.QR
+            self.V = map_second_moment(V_old, old, [self.QL, self.QR])
+        elif s > self.start and (s - self.start) % self.freq == 0:
             if self.method == "qr":
                 pl = torch.argsort(torch.diagonal(self.QL.T @ self.L @ self.QL), descending=True)
                 pr = torch.argsort(torch.diagonal(self.QR.T @ self.R @ self.QR), descending=True)
@@ -79,6 +114,8 @@ class DenseSOAP:
                 self.QL = align_to(self.QL, sym_eig_desc(self.L)[1])
                 self.QR = align_to(self.QR, sym_eig_desc(self.R)[1])
             self.M = self.QL.T @ M_param @ self.QR
+            if self.second_moment == "map":
+                self.V = map_second_moment(V_old, old, [self.QL, self.QR])
         return W
 
 
@@ -139,7 +176,7 @@ class DenseKL:
     with full factors S_k, momentum in parameter space and old eigenvalues everywhere."""
 
     def __init__(self, shape, *, lr, betas, eps, wd, freq, beta=None, init=0.1, soap=False,
-                 clamp=True):
+                 clamp=True, start=0, second_moment="keep"):
         self.shape, self.n = shape, len(shape)
         self.S = [torch.zeros(d, d) for d in shape]
         self.Q = None
@@ -149,6 +186,7 @@ class DenseKL:
         self.lr, self.betas, self.eps, self.wd, self.freq = lr, betas, eps, wd, freq
         self.beta = betas[1] if beta is None else beta
         self.soap, self.clamp, self.t = soap, clamp, 0
+        self.start, self.second_moment = start, second_moment
 
     def _whiten_other(self, G, k, lam):
         for j in range(self.n):
@@ -160,11 +198,14 @@ class DenseKL:
     def step(self, W, G):
         b = self.beta
         numel = G.numel()
-        if self.Q is None:
+        s = self.t  # 0-based step index
+        if s == 0 and self.start == 0:
             self.S = [(1 - b) * unfold_gram(G, k) * G.shape[k] / numel for k in range(self.n)]
             self.Q = [torch.linalg.eigh(S)[1].flip(1) for S in self.S]
             self.t = 1
             return W
+        if self.Q is None:  # a late start: the identity basis until step `start`
+            self.Q = [torch.eye(d) for d in self.shape]
         b1, b2 = self.betas
         Gr = G
         for k in range(self.n):
@@ -189,13 +230,24 @@ class DenseKL:
         W = W * (1 - self.lr * self.wd) - self.lr * U
         old = [lam.clone() for lam in self.lam]
         for k in range(self.n):
+            if s == 0:  # (late start) the initial factors are plain Gram matrices, λ is kept
+                self.S[k] = (1 - b) * unfold_gram(G, k) * G.shape[k] / numel
+                continue
             term = unfold_gram(self._whiten_other(G, k, old), k) * G.shape[k] / numel
             self.S[k] = b * self.S[k] + (1 - b) * term
             lam = b * old[k] + (1 - b) * torch.diagonal(self.Q[k].T @ term @ self.Q[k])
             if self.clamp:
                 lam = lam.clamp_min(max(10.0, min(float(G.shape[k]), 4000.0)) ** -2)
             self.lam[k] = lam
-        if self.t % self.freq == 0:
+        Q_old = self.Q
+        if s == self.start:  # a late start: eigh basis; λ and Ṽ carried out of the identity
+            self.Q = [torch.linalg.eigh(S)[1].flip(1) for S in self.S]
+            self.lam = [torch.diagonal(Q.T @ torch.diag(lam) @ Q)
+                        for Q, lam in zip(self.Q, self.lam)]
+            self.V = map_second_moment(self.V, Q_old, self.Q)
+        elif s > self.start and (s - self.start) % self.freq == 0:
             self.Q = [qr_pos(S @ Q) for S, Q in zip(self.S, self.Q)]
+            if self.second_moment == "map":
+                self.V = map_second_moment(self.V, Q_old, self.Q)
         self.t += 1
         return W

@@ -58,8 +58,9 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from curvkit.curvature.symmetry_models import sequential_symmetries
 from curvkit.linalg.operator import LinearOperator
 from curvkit.linalg.structured import BlockDiagonal
 
@@ -402,8 +403,87 @@ class SymmetryAveraged(LinearOperator):
         total = torch.where((sign == 0).any(), torch.full_like(total, -math.inf), total)
         return total.to(self.dtype)
 
+    def diagonal(self) -> Tensor:
+        """Exact diagonal ``Σ_ℓ diag(P_ℓ) ⊗ diag(F_ℓ)``, shape ``(n,)``, in ``O(n · t)``.
+
+        ``diag(P_ℓ)`` is a product over the acted axes: on a ``perm`` axis of size ``h`` it is
+        the constant ``1/h`` (mean) or ``1 - 1/h`` (centred part), on a ``sign`` axis the
+        indicator of coordinate ``ℓ``, on a scalar axis one. Nothing of size ``n²`` is formed.
+        """
+        d = torch.diagonal(self.factors, dim1=-2, dim2=-1)  # (t_1, ..., t_r, f)
+        for position, a in enumerate(self.acted):
+            W = _projector_diagonals(self.groups[a], self.param_shape[a], d.dtype, d.device)
+            d = torch.tensordot(W, d, dims=([1], [position])).movedim(0, position)
+        return _uncanonical(d[None], self.param_shape, self.groups).reshape(-1)
+
+    def eigh(self) -> tuple[Tensor, LinearOperator]:
+        """Exact eigendecomposition ``S = Q diag(λ) Qᵀ`` from one batched ``eigh`` of the factors.
+
+        With ``F_ℓ = V_ℓ Λ_ℓ V_ℓᵀ``, the rotated coordinate ``c`` of the acted axes contributes
+        the eigenpairs ``(Λ_ℓ(c), V_ℓ(c))``, so every eigenvalue of ``F_ℓ`` has multiplicity
+        ``tr P_ℓ``. Costs one ``eigh`` per label (``t · f³``) instead of the dense ``n³``;
+        ``Q`` is an orthogonal operator that applies ``Uᵀ ⊕_c V_ℓ(c)`` (``U``: the Householder
+        reflections of the ``perm`` axes) in ``O(n f)`` per vector and is never formed.
+
+        Returns:
+            ``(eigenvalues (n,), Q)``: eigenvalues in ascending order, as ``torch.linalg.eigh``
+            returns them, and ``Q: (n, n)`` with the matching eigenvectors as columns (rows
+            are row-major flattenings of the parameter).
+
+        Raises:
+            ValueError: If the factors hold nan or inf.
+        """
+        if not torch.isfinite(self.factors).all():
+            raise ValueError("SymmetryAveraged.eigh: the factors contain nan or inf; an "
+                             "eigendecomposition needs finite factors.")
+        evals, vectors = torch.linalg.eigh(_solvable(self.factors))  # (*t, f), (*t, f, f)
+        evals = _label_grid(evals, self).reshape(-1)  # per rotated coordinate c, then j
+        evals, order = torch.sort(evals, stable=True)
+        return evals.to(self.dtype), _SymmetryEigenbasis(self, vectors.to(self.dtype), order)
+
+
+class _SymmetryEigenbasis(LinearOperator):
+    """Eigenvectors of a :class:`SymmetryAveraged` ``S``: ``Q = Uᵀ (⊕_c V_ℓ(c)) Π``, orthogonal.
+
+    ``Π`` puts the eigenvalues in ascending order (``order[i]`` is the structural index, rotated
+    coordinate ``c`` then factor eigenvector ``j``, of column ``i``).
+    """
+
+    def __init__(self, op: SymmetryAveraged, vectors: Tensor, order: Tensor):
+        n = op.shape[0]
+        # flat vectors only: eigen-coordinates have no parameter shape (as Kronecker's eigh)
+        super().__init__((n, n), dtype=vectors.dtype, device=vectors.device)
+        self.op, self.vectors, self.order = op, vectors, order
+
+    def _matmat(self, X: Tensor) -> Tensor:  # eigen-coordinates -> parameter space
+        op, k = self.op, X.shape[1]
+        Z = torch.empty_like(X)
+        Z[self.order] = X
+        T = Z.T.reshape(k, *[op.param_shape[a] for a in op.acted], op.f)
+        T = _rotate(op._apply_blocks(self.vectors.to(T.dtype), T), op.param_shape, op.groups)
+        return _uncanonical(T, op.param_shape, op.groups).reshape(k, -1).T
+
+    def _rmatmat(self, X: Tensor) -> Tensor:  # parameter space -> eigen-coordinates
+        op, k = self.op, X.shape[1]
+        T = _canonical(X.T.reshape(k, *op.param_shape), op.param_shape, op.groups)
+        T = op._apply_blocks(self.vectors.to(T.dtype).mT, _rotate(T, op.param_shape, op.groups))
+        return T.reshape(k, -1).T[self.order]
+
+    def _to(self, dtype, device):
+        return _SymmetryEigenbasis(self.op._to(dtype, device),
+                                   self.vectors.to(dtype=dtype, device=device),
+                                   self.order.to(device))
+
 
 # --------------------------------------------------------------------------- layout helpers
+def _projector_diagonals(group: str, h: int, dtype: torch.dtype, device) -> Tensor:
+    """``W[x, ℓ] = diag(P_ℓ)[x]`` on one acted axis of size ``h``, shape ``(h, t)``."""
+    if group == "sign":
+        return torch.eye(h, dtype=dtype, device=device)
+    if group == "perm" and h > 1:  # J/h and I - J/h
+        return torch.tensor([[1.0 / h, 1.0 - 1.0 / h]], dtype=dtype, device=device).expand(h, 2)
+    return torch.ones(h, 1, dtype=dtype, device=device)
+
 def _solvable(F: Tensor) -> Tensor:
     """``F`` in a dtype that ``eigh``/``cholesky``/``slogdet`` accept (float32 for half types)."""
     return F.float() if F.dtype in (torch.float16, torch.bfloat16) else F
@@ -521,64 +601,3 @@ def symmetry_block_diagonal(samples: Sequence[Tensor], *, groups: Sequence[Seque
                          f"{len(groups)} group specs.")
     blocks = [SymmetryAveraged.from_samples(s, groups=g) for s, g in zip(samples, groups)]
     return BlockDiagonal(blocks, in_shapes=[b.param_shape for b in blocks])
-
-
-# Elementwise activations: odd ones also commute with sign flips of a hidden unit.
-_ODD = (nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Tanhshrink)
-_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Softplus,
-                nn.Mish, nn.ReLU6, nn.CELU, nn.SELU) + _ODD
-
-
-def _is_odd(module: nn.Module) -> bool:
-    """Whether an elementwise activation is odd (``Hardtanh``, and ``ReLU6``, only if min = -max)."""
-    if isinstance(module, nn.Hardtanh):
-        return module.min_val == -module.max_val
-    return isinstance(module, _ODD)
-
-
-def sequential_symmetries(model: nn.Sequential) -> dict[str, tuple[str, ...]]:
-    """Name the hidden-unit symmetry of every parameter of an MLP (``nn.Sequential``).
-
-    Between two ``nn.Linear`` layers, the hidden units can be permuted (``"perm"``) through any
-    elementwise activation, permuted and sign-flipped (``"signed_perm"``) through an odd one
-    (``tanh``), and mixed by any invertible map when there is no activation (``"orthogonal"``,
-    the compact part of ``GL(h)``). That group acts on the rows of the first layer's weight and
-    bias and on the columns of the next layer's weight; input and output axes are free.
-
-    Args:
-        model: ``nn.Sequential`` of ``nn.Linear`` layers and elementwise activations.
-
-    Returns:
-        ``{parameter name: groups}`` in ``model.named_parameters()`` order (per-parameter blocks).
-
-    Raises:
-        TypeError: If ``model`` is not an ``nn.Sequential`` or holds another kind of module.
-    """
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"sequential_symmetries: expected an nn.Sequential; got "
-                        f"{type(model).__name__}.")
-    linears: list[tuple[str, nn.Linear]] = []
-    between: list[str] = []  # the group of the hidden layer after each linear but the last
-    pending = "orthogonal"
-    for name, module in model.named_children():
-        if isinstance(module, nn.Linear):
-            if linears:
-                between.append(pending)
-            linears.append((name, module))
-            pending = "orthogonal"
-        elif _is_odd(module):
-            pending = "signed_perm" if pending != "perm" else "perm"
-        elif isinstance(module, _ELEMENTWISE):
-            pending = "perm"
-        else:
-            raise TypeError(f"sequential_symmetries: module {name!r} is a "
-                            f"{type(module).__name__}; expected nn.Linear or an elementwise "
-                            "activation.")
-    out = {}
-    for i, (name, layer) in enumerate(linears):
-        rows = between[i] if i < len(between) else "identity"
-        cols = between[i - 1] if i > 0 else "identity"
-        out[f"{name}.weight"] = (rows, cols)
-        if layer.bias is not None:
-            out[f"{name}.bias"] = (rows,)
-    return out

@@ -18,7 +18,9 @@ each entry carries its own exponent, so small eigenvalues keep their relative pr
 
 Every refresh returns a :class:`BasisChange`, which maps state kept in rotated coordinates
 (momentum) and per-column state (second moments, eigenvalue estimates) to the new basis, so each
-optimizer only decides *which* of its tensors are coordinates and which are per-column.
+optimizer only decides *which* of its tensors are coordinates and which are per-column, and
+whether per-column state is only permuted with the columns (``columns``) or carried into the
+new basis (``second_moments``).
 
 All functions here take and return plain tensors; they run in the dtype of their inputs (the
 optimizers pass float32 or float64 working copies).
@@ -236,7 +238,32 @@ class BasisChange:
         X = self.columns(X, axis)
         if self.coord_map is None:
             return X
-        T = self.coord_map.to(X.dtype)
+        return self._map_along(X, self.coord_map.to(X.dtype), axis)
+
+    def second_moments(self, X: Tensor, axis: int) -> Tensor:
+        """Map a diagonal second moment (Adam's ``Ṽ``, eigenvalue estimates) to the new basis.
+
+        Per-column values ``v`` stand for the matrix ``diag(v)`` in the old coordinates; in the
+        new ones that matrix is ``T diag(v) Tᵀ``, whose diagonal is ``(T ∘ T) v`` (``∘`` the
+        elementwise product). Applied along every axis of a Kronecker basis this is
+        ``Ṽ_new = (T_L ∘ T_L) Ṽ (T_R ∘ T_R)ᵀ`` with ``T = Q_newᵀ Q_old``: the diagonal of the old
+        second moment rotated densely into the new basis, without forming it. For an orthogonal
+        ``T`` the rows of ``T ∘ T`` sum to one, so an EMA keeps its total weight (and Adam's
+        bias correction stays valid).
+
+        Args:
+            X: Non-negative per-column state with the basis axis at ``axis``.
+            axis: The axis this change belongs to.
+
+        Returns:
+            ``X`` in the new basis (same shape).
+        """
+        X = self.columns(X, axis)
+        if self.coord_map is None:
+            return X
+        return self._map_along(X, self.coord_map.to(X.dtype).square(), axis)
+
+    def _map_along(self, X: Tensor, T: Tensor, axis: int) -> Tensor:
         if self.index is None:
             return apply_along(X, T, axis)
         part = apply_along(X.index_select(axis, self.index), T, axis)

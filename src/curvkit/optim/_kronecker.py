@@ -32,7 +32,12 @@ from curvkit.optim._common import (
     working_dtype,
 )
 
-__all__ = ["KroneckerOptimizer", "Layout", "layout"]
+__all__ = ["SECOND_MOMENT", "KroneckerOptimizer", "Layout", "layout"]
+
+#: Choices of the ``second_moment`` option of ``SOAP`` and ``KLSOAP`` (how Adam's ``Ṽ`` follows a
+#: basis refresh): ``"keep"`` permutes it with the columns only (the references), ``"map"``
+#: carries it into the new basis (:meth:`curvkit.optim._basis.BasisChange.second_moments`).
+SECOND_MOMENT: tuple[str, ...] = ("keep", "map")
 
 
 class Layout:
@@ -135,6 +140,15 @@ class KroneckerOptimizer(CurvkitOptimizer):
                     subspace_rank=subspace_rank, state_dtype=state_dtype, nonfinite=nonfinite,
                     orthogonality_tolerance=orthogonality_tolerance, seed=seed)
 
+    @classmethod
+    def _check_second_moment(cls, second_moment: str) -> str:
+        return check_choice(cls._name, "second_moment", second_moment, SECOND_MOMENT)
+
+    def _check_param(self, p: Tensor, group: dict[str, Any]) -> None:
+        # a param group may override the constructor's value: a misspelt one would act as "keep"
+        if "second_moment" in group:
+            self._check_second_moment(group["second_moment"])
+
     # ------------------------------------------------------------------ torch.optim API
     def _moment_shapes(self, p: Tensor, group: dict[str, Any]) -> list[tuple[int, ...]]:
         plan = self._layout(p, group)
@@ -223,28 +237,39 @@ class KroneckerOptimizer(CurvkitOptimizer):
 
     def _refresh(self, block: dict, ctx: _Context, P: dict[int, Tensor],
                  Q: dict[int, Tensor]) -> None:
-        """Refresh every axis's basis, map dependent state, and store ``Q`` and ``P``."""
+        """Refresh every axis's basis, map dependent state, and store ``Q`` and ``P``.
+
+        Per-column second moments (``_column_keys``) are carried into the new basis
+        (:meth:`~curvkit.optim._basis.BasisChange.second_moments`) at the first eigenbasis after
+        a late ``start_preconditioning_step`` (they were accumulated in the identity basis, so
+        column ``i`` of the new basis has no relation to parameter coordinate ``i``) and, with
+        ``second_moment="map"``, at every refresh; otherwise they are only permuted with the
+        columns, as in the SOAP and KL-SOAP references.
+        """
         group = ctx.group
         first = ctx.step == group["start_preconditioning_step"]
+        # at step 0 nothing has been accumulated yet (the moments are zero): nothing to map
+        late_start = first and ctx.step > 0
+        map_columns = late_start or group.get("second_moment", "keep") == "map"
         for k in ctx.axes:
             if first:  # the identity is a poor start for power iteration: diagonalise exactly
                 evals, O = _basis.eigh_descending(P[k], caller=f"{self._name}.step")
                 Qk, Pk = Q[k] @ O, torch.diag(evals)  # Oᵀ P O up to round-off
                 change = _basis.BasisChange(coord_map=O.T)
-                if ctx.step > 0 and f"lam{k}" in block:
+                if late_start and f"lam{k}" in block:
                     # eigenvalue estimates gathered in the old basis (steps before a later
                     # start_preconditioning_step) follow it: diag(Oᵀ diag(λ) O), not column i
                     lam = ctx.load(block, f"lam{k}")
-                    block[f"lam{k}"] = store(O.square().T @ lam, ctx.sd, None)
+                    block[f"lam{k}"] = store(change.second_moments(lam, 0), ctx.sd, None)
             else:
                 d = P[k].shape[0]
                 rank = group["subspace_rank"] or max(64, math.ceil(d / 4))
                 Qk, Pk, change = _basis.refresh(Q[k], P[k], method=group["basis_update"],
                                                 sort=self._sort_on_refresh, rank=min(rank, d))
-            self._apply_change(block, ctx, k, change)
+            self._apply_change(block, ctx, k, change, map_columns=map_columns)
             if ctx.sd == torch.bfloat16 and self._drifted(Qk, ctx):
                 Qk, Pk, change = _basis.orthonormalize(Qk, Pk)
-                self._apply_change(block, ctx, k, change)
+                self._apply_change(block, ctx, k, change, map_columns=map_columns)
             Q[k], P[k] = Qk, 0.5 * (Pk + Pk.T)
             block[f"Q{k}"] = store(Qk, ctx.sd, None)
             block[f"P{k}"] = store(P[k], ctx.sd, ctx.gen)
@@ -258,11 +283,14 @@ class KroneckerOptimizer(CurvkitOptimizer):
         return bool(err > ctx.group["orthogonality_tolerance"])
 
     def _apply_change(self, block: dict, ctx: _Context, axis: int,
-                      change: _basis.BasisChange) -> None:
+                      change: _basis.BasisChange, *, map_columns: bool) -> None:
         for key in self._coordinate_keys:
             block[key] = store(change.coordinates(ctx.load(block, key), axis), ctx.sd, ctx.gen)
         for key in self._column_keys:
-            if change.perm is not None:
+            if map_columns:
+                block[key] = store(change.second_moments(ctx.load(block, key), axis), ctx.sd,
+                                   ctx.gen)
+            elif change.perm is not None:
                 block[key] = change.columns(block[key], axis)
         if f"lam{axis}" in block and change.perm is not None:
             block[f"lam{axis}"] = change.columns(block[f"lam{axis}"], 0)

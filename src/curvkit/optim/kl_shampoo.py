@@ -191,8 +191,12 @@ class KLShampoo(KroneckerOptimizer):
         if not isinstance(clamp, bool):
             raise TypeError(f"{self._name}: clamp must be a bool; got {clamp!r}.")
         defaults.update(shampoo_beta=shampoo_beta, init_factor=init_factor, clamp=clamp,
-                        max_clamp_value=max_clamp_value)
+                        max_clamp_value=max_clamp_value, **self._method_defaults())
         super().__init__(params, defaults)
+
+    def _method_defaults(self) -> dict:
+        """Options of a subclass's direction, added to the param-group defaults."""
+        return {}
 
     def _init_block(self, shape, axes, group, dtype, device):
         block = self._basis_state(shape, axes, dtype, device)
@@ -244,10 +248,17 @@ class KLSOAP(KLShampoo):
     Identical to :class:`KLShampoo` (factor, eigenvalue and basis updates, step-0 initialisation)
     except for the direction: ``M̃ ← β₁M̃ + (1-β₁)G̃``, ``Ṽ ← β₂Ṽ + (1-β₂)G̃²`` in rotated
     coordinates without bias correction, and ``U = Q[M̃ / (sqrt(Ṽ) + ε)]Qᵀ``. At refreshes ``M̃``
-    is re-expressed in the new basis and ``Ṽ`` is kept (the prototype's convention).
+    is re-expressed in the new basis and ``Ṽ`` is kept (the prototype's convention), or mapped
+    with ``second_moment="map"``. After a late ``start_preconditioning_step`` the first ``eigh``
+    basis always maps ``Ṽ`` (and ``λ``) out of the identity basis:
+    ``Ṽ ← (R_L ∘ R_L) Ṽ (R_R ∘ R_R)ᵀ`` with ``R = Q_newᵀ Q_old``, as described for
+    :class:`~curvkit.optim.SOAP`.
 
     Args:
         params: Parameters or param groups.
+        lr: Learning rate ``η``.
+        second_moment: ``"keep"`` (default, the prototype) or ``"map"``, as for
+            :class:`~curvkit.optim.SOAP`.
         **options: As for :class:`KLShampoo`.
 
     Example:
@@ -261,8 +272,14 @@ class KLSOAP(KLShampoo):
     _column_keys = ("exp_avg_sq",)
     _adam_direction = True
 
-    def __init__(self, params: Iterable, lr: float = 3e-3, **options):
+    def __init__(self, params: Iterable, lr: float = 3e-3, *,
+                 second_moment: Literal["keep", "map"] = "keep", **options):
+        # validated before the groups are built; _method_defaults hands it to KLShampoo
+        self._second_moment = self._check_second_moment(second_moment)
         super().__init__(params, lr, **options)
+
+    def _method_defaults(self) -> dict:
+        return {"second_moment": self._second_moment}
 
     def _rotated_direction(self, G_rot, block, ctx, lam):
         beta1, beta2 = ctx.group["betas"]

@@ -57,10 +57,16 @@ class SOAP(KroneckerOptimizer):
     3. the factors take the current gradient *after* the step (so a gradient never shapes its own
        projection); every ``precondition_frequency`` steps the bases are refreshed (columns sorted
        by ``diag(P)`` with ``Ṽ`` permuted alongside, then one QR power step, or ``eigh``, or a
-       subspace QR), and ``M̃`` is re-expressed in the new basis; ``Ṽ`` is not rotated.
+       subspace QR), and ``M̃`` is re-expressed in the new basis; ``Ṽ`` is kept (the reference)
+       or, with ``second_moment="map"``, carried into the new basis (below).
 
     The very first step only initialises the factors and the bases (by ``eigh``) and does not move
-    the parameters, as in the reference. Tensors of any order get one factor per axis; order-1
+    the parameters, as in the reference. With ``start_preconditioning_step = s > 0`` the first
+    ``s + 1`` steps are Adam in the identity basis; the ``eigh`` basis ``Q`` computed at the end of
+    step ``s`` then re-expresses ``M̃`` and *maps* ``Ṽ``: ``Ṽ ← (R_L ∘ R_L) Ṽ (R_R ∘ R_R)ᵀ`` with
+    ``R = Q_newᵀ Q_old`` (``∘`` elementwise), the diagonal of the accumulated second moment
+    rotated into the new basis. Keeping ``Ṽ`` there would give eigendirection ``i`` the variance
+    of parameter coordinate ``i``. Tensors of any order get one factor per axis; order-1
     parameters (and parameters whose every axis is unpreconditioned) get Adam.
 
     Args:
@@ -88,6 +94,11 @@ class SOAP(KroneckerOptimizer):
         orthogonality_tolerance: bfloat16 storage only: re-orthonormalise a basis whose probe
             error ``|QᵀQx - x|/|x|`` exceeds this.
         seed: Seed of the stochastic rounding bits (bfloat16 storage).
+        second_moment: How ``Ṽ`` follows a basis refresh: ``"keep"`` (the reference: permuted
+            with a column sort, values otherwise kept, since a refresh moves the basis little)
+            or ``"map"`` (the mapping above at every refresh, including ``eigh``, subspace and
+            bfloat16 re-orthonormalisation changes). The first basis after a late start is
+            always mapped.
 
     Example:
         >>> model = torch.nn.Linear(4, 3)
@@ -113,7 +124,8 @@ class SOAP(KroneckerOptimizer):
                  subspace_rank: int | None = None, bias_correction: bool = True,
                  state_dtype: torch.dtype | None = None,
                  nonfinite: Literal["raise", "skip"] = "raise",
-                 orthogonality_tolerance: float = 1e-2, seed: int = 0):
+                 orthogonality_tolerance: float = 1e-2, seed: int = 0,
+                 second_moment: Literal["keep", "map"] = "keep"):
         defaults = self._common_defaults(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             precondition_frequency=precondition_frequency,
@@ -127,7 +139,8 @@ class SOAP(KroneckerOptimizer):
         if not isinstance(bias_correction, bool):  # bool("false") would be True
             raise TypeError(f"{self._name}: bias_correction must be a bool; "
                             f"got {bias_correction!r}.")
-        defaults.update(shampoo_beta=shampoo_beta, bias_correction=bias_correction)
+        defaults.update(shampoo_beta=shampoo_beta, bias_correction=bias_correction,
+                        second_moment=self._check_second_moment(second_moment))
         super().__init__(params, defaults)
 
     def _init_block(self, shape, axes, group, dtype, device):
