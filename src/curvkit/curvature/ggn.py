@@ -176,6 +176,9 @@ class GGN(OutputSpaceCurvature):
         num_data: Number of examples (only needed by callers of ``engine.for_each_batch``).
         batch_size_fn: ``X ↦ N`` for mapping inputs.
         blocks: ``"layer"``, ``"param"`` or parameter groups: a ``BlockDiagonal`` of GGN blocks.
+            Its vectors list the parameters group by group, in the groups' order (which may
+            differ from ``params`` order: ``op.in_shapes`` shows the layout), and cover only
+            the parameters that some group names.
 
     Example:
         >>> G = GGN(model, nn.CrossEntropyLoss(), loader)
