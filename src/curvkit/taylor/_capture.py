@@ -19,6 +19,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from curvkit.taylor import _aten_rules_nn  # noqa: F401  (registers its rules into RULES)
 from curvkit.taylor._aten_rules import PRIMAL_ONLY, RULES
 from curvkit.taylor._propagation import Context, Jet
 
@@ -83,6 +84,27 @@ def _primal(value):
     return value.primal if isinstance(value, Jet) else value
 
 
+def _check_in_place(node: Node, caller: str) -> None:
+    """Refuse an in-place op on a jet unless its rule may compute a new jet instead.
+
+    Rules are out of place: the result replaces the mutated tensor only for the in-place node's
+    own users. That is exact when the mutated tensor is a fresh (non-view) result read by nothing
+    else, as in RMSNorm's ``mean(x²).add_(eps)``; otherwise a later reader would see stale values.
+    """
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return
+    target = node.args[0] if node.args else None
+    producer = getattr(target, "target", None)
+    returns = producer._schema.returns if hasattr(producer, "_schema") else None
+    fresh = (isinstance(target, Node) and returns is not None and len(target.users) == 1
+             and all(r.alias_info is None for r in returns))
+    if not fresh:
+        raise NotImplementedError(
+            f"{caller}: in-place ATen operator '{node.target}' mutates a tensor that is a view, "
+            "an input or read elsewhere; Taylor mode needs it out of place (e.g. x = x + c).")
+
+
 def interpret(program: _Program, ctx: Context, inputs: list, *, caller: str):
     """Run ``program`` with the given flat inputs (tensors or ``Jet``); returns the output pytree.
 
@@ -105,6 +127,7 @@ def interpret(program: _Program, ctx: Context, inputs: list, *, caller: str):
             if not _has_jet((args, kwargs)):
                 env[node] = node.target(*args, **kwargs)
             elif node.target in RULES:
+                _check_in_place(node, caller)
                 env[node] = RULES[node.target](ctx, *args, **kwargs)
             elif node.target in PRIMAL_ONLY:
                 args, kwargs = pytree.tree_map(_primal, (args, kwargs))

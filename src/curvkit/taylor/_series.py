@@ -181,3 +181,134 @@ def piecewise_linear_derivatives(value: Tensor, slope: Tensor, order: int) -> De
     """Value and slope of a piecewise-linear map; higher derivatives vanish away from kinks."""
     return [value, slope][: order + 1] + [None] * max(order - 1, 0)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Derivative tables built from simpler ones: products with x, compositions, Hermite multiples
+
+
+def times_identity(h: Derivatives, x: Tensor) -> Derivatives:
+    """Derivatives of ``x h(x)`` from those of ``h``: ``(x h)^(n) = x h^(n) + n h^(n-1)``."""
+    return [x * h[0]] + [x * h[n] + n * h[n - 1] for n in range(1, len(h))]
+
+
+def compose(outer: Derivatives, inner: Derivatives) -> Derivatives:
+    """Derivatives of ``g(u(x))`` from ``outer = [g(u), g'(u), ...]`` and ``inner = [u, u', ...]``.
+
+    The scalar Faà di Bruno formula, ``(g∘u)^(k) = sum_m g^(m)(u) sum_sigma c prod_s u^(s)``, with
+    the same partition table as the jet rule (``inner[s]`` may be ``None`` for zero).
+    """
+    out = [outer[0]]
+    for k in range(1, len(inner)):
+        total = torch.zeros_like(inner[0])
+        for m, terms in faa_di_bruno_terms(k).items():
+            poly = None
+            for c, sigma in terms:
+                if any(inner[s] is None for s in sigma):
+                    continue
+                term = c * math.prod(inner[s] for s in sigma)
+                poly = term if poly is None else poly + term
+            if poly is not None:
+                total = total + outer[m] * poly
+        out.append(total)
+    return out
+
+
+def _hermite(x: Tensor, degree: int, *, physicists: bool) -> list[Tensor]:
+    """``[H_0(x), ..., H_degree(x)]`` (physicists') or ``He_n`` (probabilists') by recurrence.
+
+    ``H_{n+1} = 2x H_n - 2n H_{n-1}`` and ``He_{n+1} = x He_n - n He_{n-1}``.
+    """
+    c = 2.0 if physicists else 1.0
+    out = [torch.ones_like(x), c * x][: degree + 1]
+    for n in range(1, degree):
+        out.append(c * (x * out[n] - n * out[n - 1]))
+    return out
+
+
+def erf_derivatives(x: Tensor, order: int) -> Derivatives:
+    """``erf^(n)(x) = (-1)^(n-1) (2/√π) H_{n-1}(x) exp(-x²)`` with physicists' Hermite ``H``."""
+    out = [torch.erf(x)]
+    if order == 0:
+        return out
+    gauss = (2.0 / math.sqrt(math.pi)) * torch.exp(-x * x)
+    hermite = _hermite(x, order - 1, physicists=True)
+    return out + [(-1) ** (n - 1) * hermite[n - 1] * gauss for n in range(1, order + 1)]
+
+
+def normal_cdf_derivatives(x: Tensor, order: int) -> Derivatives:
+    """``Φ(x) = (1 + erf(x/√2))/2``; ``Φ^(n)(x) = (-1)^(n-1) He_{n-1}(x) φ(x)``."""
+    out = [0.5 * torch.erfc(-x * math.sqrt(0.5))]
+    if order == 0:
+        return out
+    density = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    hermite = _hermite(x, order - 1, physicists=False)
+    return out + [(-1) ** (n - 1) * hermite[n - 1] * density for n in range(1, order + 1)]
+
+
+_GELU_TANH_SCALE, _GELU_TANH_CUBIC = math.sqrt(2.0 / math.pi), 0.044715
+
+
+def gelu_derivatives(x: Tensor, order: int, approximate: str = "none") -> Derivatives:
+    """GELU ``x Φ(x)``, or with ``approximate="tanh"`` ``x (1 + tanh(a (x + b x³))) / 2``.
+
+    The value is torch's own ``gelu`` so that it matches ``f(x)`` to the last bit.
+    """
+    if approximate == "none":
+        h = normal_cdf_derivatives(x, order)
+    elif approximate == "tanh":
+        a, b = _GELU_TANH_SCALE, _GELU_TANH_CUBIC
+        inner = [a * (x + b * x**3), a * (1 + 3 * b * x * x), 6 * a * b * x,
+                 torch.full_like(x, 6 * a * b)][: order + 1]
+        inner += [None] * (order + 1 - len(inner))
+        g = compose(tanh_derivatives(inner[0], order), inner)
+        h = [0.5 * (1 + g[0])] + [0.5 * t for t in g[1:]]
+    else:
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh'; got {approximate!r}.")
+    out = times_identity(h, x)
+    out[0] = torch.nn.functional.gelu(x, approximate=approximate)
+    return out
+
+
+def silu_derivatives(x: Tensor, order: int) -> Derivatives:
+    """SiLU ``x sigmoid(x)``."""
+    out = times_identity(sigmoid_derivatives(x, order), x)
+    out[0] = torch.nn.functional.silu(x)
+    return out
+
+
+def mish_derivatives(x: Tensor, order: int) -> Derivatives:
+    """Mish ``x tanh(softplus(x))``; ``softplus^(n) = sigmoid^(n-1)``."""
+    softplus = torch.nn.functional.softplus(x)
+    inner = [softplus] + (sigmoid_derivatives(x, order - 1) if order else [])
+    out = times_identity(compose(tanh_derivatives(softplus, order), inner), x)
+    out[0] = torch.nn.functional.mish(x)
+    return out
+
+
+def elu_derivatives(x: Tensor, order: int, alpha: float = 1.0, scale: float = 1.0,
+                    input_scale: float = 1.0) -> Derivatives:
+    """``scale * x`` for ``x > 0``, ``scale * alpha * (exp(input_scale x) - 1)`` otherwise.
+
+    At the kink ``x = 0`` this follows torch's autograd (and ``relu``'s convention here): the
+    slope is the left one, ``scale * alpha * input_scale``, and higher derivatives are zero.
+    """
+    out = [torch.ops.aten.elu(x, alpha, scale, input_scale)]
+    if order == 0:
+        return out
+    # exp of the non-positive part only: the positive branch never reads it, and it cannot overflow
+    e = scale * alpha * torch.exp(input_scale * torch.clamp(x, max=0))
+    out.append(torch.where(x <= 0, input_scale * e, torch.full_like(x, scale)))
+    negative = x < 0
+    for n in range(2, order + 1):
+        out.append(torch.where(negative, input_scale**n * e, torch.zeros_like(x)))
+    return out
+
+
+def log_sigmoid_derivatives(x: Tensor, order: int) -> Derivatives:
+    """``log sigmoid(x)``: first derivative ``sigmoid(-x)``, then ``-sigmoid^(n-1)(x)``."""
+    out = [torch.nn.functional.logsigmoid(x)]
+    if order == 0:
+        return out
+    sig = sigmoid_derivatives(x, order - 1)
+    return out + [torch.sigmoid(-x)] + [-sig[n - 1] for n in range(2, order + 1)]
