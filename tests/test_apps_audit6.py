@@ -180,6 +180,7 @@ def test_plot_report_shows_negative_and_zero_eigenvalues(tmp_path, hessian):
         "hessian_top_eigenvalues": hessian,
         "ggn_top_eigenvalues": [0.0, 0.0],
         "top_eigenspace_overlap_hessian_ggn": 0.5,
+        "ggn_density": {"near_zero_threshold": 1e-2, "near_zero_fraction": 0.0},
         "_arrays": {"ggn_density": (grid.abs() + 1e-3, dens), "hessian_density": (grid, dens)},
     }
     created, real_subplots = [], plt.subplots

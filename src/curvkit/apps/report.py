@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -32,7 +33,8 @@ class ReportOptions:
         num_directions: Random directions for the KFAC/EKFAC comparison.
         slq_probes, slq_matvecs: Stochastic Lanczos quadrature budget for the densities.
         seed: Seed of every random probe.
-        progress: Show progress bars.
+        progress: Show progress bars on stderr: one over the report's stages and, below it,
+            the curvature operators' bars over the data of each pass.
     """
 
     top_k: int = 8
@@ -43,6 +45,38 @@ class ReportOptions:
     seed: int = 0
     progress: bool = True
     steps: list[str] = field(default_factory=list)
+
+
+_TRACE_METHODS = ("hutchinson", "hutch++", "xtrace")
+_DIAGONAL_METHODS = ("hutchinson", "xdiag")
+# loss and gradient, two eigsh, traces of two operators, exact and estimated GGN diagonals,
+# KFAC and EKFAC factors, two densities
+_NUM_STAGES = 1 + 2 + 2 * len(_TRACE_METHODS) + 1 + len(_DIAGONAL_METHODS) + 2 + 2
+# The GGN density is of log10(λ + ε); eigenvalues below NEAR_ZERO_FACTOR · ε are reported as
+# "near zero" (a log axis would push them off its left end): with ε = 1e-8 λ_max in float64,
+# below 1e-6 λ_max.
+NEAR_ZERO_FACTOR = 100.0
+
+
+def _mass_below(grid: Tensor, density: Tensor, epsilon: float, threshold: float) -> float:
+    """Fraction of a log-scale SLQ density's mass at ``λ <= threshold``.
+
+    ``density`` is the density of ``u = log10(λ + ε)`` on ``grid`` (λ values), as
+    ``spectral_density(..., scale="log")`` returns it; the mass is its trapezoid integral in
+    ``u`` up to ``log10(threshold + ε)``, over the integral on the whole grid.
+    """
+    u = torch.log10(grid.double() + epsilon)
+    dens = density.double()
+    steps = 0.5 * (dens[1:] + dens[:-1]) * (u[1:] - u[:-1])
+    cumulative = torch.cat([steps.new_zeros(1), steps.cumsum(0)])
+    total = cumulative[-1].item()
+    if not total > 0:
+        return math.nan
+    cut = math.log10(threshold + epsilon)
+    # Linear interpolation of the cumulative mass at the cut; u increases along the grid and the
+    # density is >= 0, so the cumulative mass is monotone and the fraction lies in [0, 1].
+    mass = float(np.interp(cut, u.cpu().numpy(), cumulative.cpu().numpy()))
+    return mass / total
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
@@ -107,7 +141,10 @@ def curvature_report(
 
     Returns:
         A JSON-serialisable dict of every number (see the keys below), plus ``"_arrays"``
-        holding the eigenvalues and densities for plotting.
+        holding the eigenvalues and densities for plotting. ``"ggn_density"`` describes the
+        GGN's log-scale density: its shift ``epsilon``, and the fraction of the spectrum at
+        ``λ <= near_zero_threshold`` (``100 ε``: ``1e-6 λ_max`` in float64), which the log
+        scale would otherwise hide at its left end.
     """
     opt = options or ReportOptions()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -118,16 +155,39 @@ def curvature_report(
         )
     g = torch.Generator(device=trainable[0].device).manual_seed(opt.seed)
     gen = lambda: torch.Generator(device=g.device).manual_seed(opt.seed)  # noqa: E731 same probes for every operator
-    common = dict(progress=False, check_deterministic=True)
+    # The operators' own bars (one per pass over the data) sit below the report's stage bar.
+    common = dict(progress=opt.progress, check_deterministic=True)
     timings: dict[str, float] = {}
+    bar = None
+    if opt.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=_NUM_STAGES, desc="curvature report", unit="stage")
 
     def timed(name, fn):
+        if bar is not None:
+            bar.set_postfix_str(name)
         t0 = time.perf_counter()
         out = fn()
         timings[name] = time.perf_counter() - t0
-        log(f"  {name:<34s} {timings[name]:6.2f} s")
+        line = f"  {name:<34s} {timings[name]:6.2f} s"
+        if bar is None:
+            log(line)
+        else:
+            bar.update(1)
+            with tqdm.external_write_mode():  # a printed line would break the bar's line
+                log(line)
         return out
 
+    try:
+        return _compute(model, loss_fn, data, opt, common, g, gen, timed, timings)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _compute(model, loss_fn, data, opt, common, g, gen, timed, timings) -> dict:
+    """The body of ``curvature_report``: every stage through ``timed``."""
     loss, grad_norm, num_params = timed(
         "loss and gradient", lambda: _loss_and_gradient(model, loss_fn, data)
     )
@@ -154,7 +214,7 @@ def curvature_report(
                     op, method=m, num_matvecs=opt.num_matvecs, generator=gen()
                 ).item(),
             )
-            for method in ("hutchinson", "hutch++", "xtrace")
+            for method in _TRACE_METHODS
         }
     diag_exact = timed("GGN exact diagonal", lambda: G.diagonal())
     traces["ggn"]["exact"] = diag_exact.sum().item()
@@ -168,7 +228,7 @@ def curvature_report(
             ),
             diag_exact,
         )
-        for method in ("hutchinson", "xdiag")
+        for method in _DIAGONAL_METHODS
     }
 
     Z = torch.randn(num_params, opt.num_directions, generator=g, dtype=G.dtype, device=G.device)
@@ -184,6 +244,10 @@ def curvature_report(
             "random_directions_rel_error": _rel(op @ Z, GZ),
         }
 
+    # Round-off leaves Ritz values of the PSD GGN slightly below zero (~eps·λ_max); shift the
+    # log scale past them rather than reject the spectrum. A zero GGN (e.g. saturated softmax
+    # outputs) has no scale: any ε > 0 will do.
+    epsilon = max(1e-8, 100 * torch.finfo(G.dtype).eps) * (max(evals_G.max().item(), 0.0) or 1.0)
     grid_G, dens_G = timed(
         "GGN spectral density (log)",
         lambda: linalg.spectral_density(
@@ -191,15 +255,20 @@ def curvature_report(
             num_probes=opt.slq_probes,
             num_matvecs=opt.slq_matvecs,
             scale="log",
-            # Round-off leaves Ritz values of the PSD GGN slightly below zero (~eps·λ_max);
-            # shift the log scale past them rather than reject the spectrum.
-            # A zero GGN (e.g. saturated softmax outputs) has no scale: any ε > 0 will do.
-            epsilon=max(1e-8, 100 * torch.finfo(G.dtype).eps)
-            * (max(evals_G.max().item(), 0.0) or 1.0),
+            epsilon=epsilon,
             generator=gen(),
             kernel_width=0.02,
         ),
     )
+    # Overparameterised nets put most GGN eigenvalues at ~0, which the log scale maps to its
+    # far left end (log10 ε): report that mass as a number, and the plot annotates it.
+    threshold = NEAR_ZERO_FACTOR * epsilon
+    ggn_density = {
+        "scale": "log",
+        "epsilon": epsilon,
+        "near_zero_threshold": threshold,
+        "near_zero_fraction": _mass_below(grid_G, dens_G, epsilon, threshold),
+    }
     grid_H, dens_H = timed(
         "Hessian spectral density",
         lambda: linalg.spectral_density(
@@ -221,9 +290,34 @@ def curvature_report(
         "trace": traces,
         "ggn_diagonal_rel_error": diag_est,
         "kfac_vs_ggn": kfac_quality,
+        "ggn_density": ggn_density,
         "seconds": timings,
         "_arrays": {"ggn_density": (grid_G, dens_G), "hessian_density": (grid_H, dens_H)},
     }
+
+
+def _plot_ggn_density(ax, report: dict) -> None:
+    """The GGN's log-scale density on a symlog λ axis, with its near-zero mass annotated.
+
+    A log axis cannot show λ <= 0 and puts the eigenvalues at ~0 (most of them for an
+    overparameterised net) at its far left end, where the eye reads them as a small bump. The
+    symlog axis is linear below the report's ``near_zero_threshold``, so that mass appears at
+    λ = 0; the shaded band and the text give its fraction (``report["ggn_density"]``).
+    """
+    grid, dens = (t.cpu() for t in report["_arrays"]["ggn_density"])
+    info = report["ggn_density"]
+    threshold, fraction = info["near_zero_threshold"], info["near_zero_fraction"]
+    ax.plot(grid, dens)
+    ax.set_xscale("symlog", linthresh=threshold)
+    ax.axvspan(min(float(grid.min()), 0.0), threshold, color="0.85", zorder=0)
+    ax.text(0.98, 0.95, f"{fraction:.1%} of the spectrum at λ ≤ {threshold:.1e}",
+            transform=ax.transAxes, ha="right", va="top",
+            bbox=dict(facecolor="white", edgecolor="0.7", alpha=0.9))
+    ax.set(
+        title="GGN spectral density (SLQ)",
+        xlabel=f"eigenvalue (symlog, linear below {threshold:.1e})",
+        ylabel="density of log10(λ + ε)",
+    )
 
 
 def plot_report(report: dict, path) -> None:
@@ -234,11 +328,7 @@ def plot_report(report: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    grid, dens = (t.cpu() for t in report["_arrays"]["ggn_density"])
-    axes[0].semilogx(grid, dens)
-    axes[0].set(
-        title="GGN spectral density (SLQ)", xlabel="eigenvalue", ylabel="density of log10 λ"
-    )
+    _plot_ggn_density(axes[0], report)
     grid, dens = (t.cpu() for t in report["_arrays"]["hessian_density"])
     axes[1].plot(grid, dens)
     axes[1].set_yscale("log")

@@ -62,8 +62,10 @@ class SolveResult:
         iterations: Iterations run (the most over all columns).
         residual_norm: Final residual norm per column, shape ``()`` for a vector right-hand
             side, else ``(k,)``. For CG, MINRES and Neumann it is ``‖b − (A + λI) x‖``; for LSMR
-            ``‖Aᵀ r − λ x‖`` (the normal-equation residual). Recursively updated for the
-            Krylov solvers, so it can drift from the true residual by rounding.
+            ``‖Aᵀ r − λ x‖`` (the normal-equation residual). CG and MINRES compute it afresh
+            for every column whose recursively updated residual met the tolerance (so
+            ``converged`` never rests on a value that drifted by rounding); for a column stopped
+            by ``max_iter``, and for LSMR, it is the recurrence's value.
         converged: Whether every column reached the tolerance.
     """
 
@@ -158,6 +160,12 @@ def cg(
 ):
     """Solve ``(A + λI) x = b`` by (preconditioned) conjugate gradients, batched over columns.
 
+    The recursively updated residual drifts below the true one in low precision, so a column
+    whose updated residual meets the tolerance is checked against ``b − (A + λI) x`` (one
+    batched product per solve when the checks pass). A column that misses restarts from its
+    ``x`` on the true residual; if a restart does not lower the true residual (the dtype's
+    attainable accuracy), the column ends unconverged.
+
     Args:
         A: Symmetric positive-definite operator ``(n, n)`` (declared ``is_symmetric``;
             definiteness is checked as the iteration runs).
@@ -170,7 +178,8 @@ def cg(
             ``‖r_j‖ <= max(rtol ‖b_j‖, atol)``.
         atol: Absolute tolerance (see ``rtol``).
         max_iter: Iteration cap (default ``10 n``).
-        on_failure: ``"raise"`` a ``ConvergenceError`` or ``"warn"`` if the cap is reached.
+        on_failure: ``"raise"`` a ``ConvergenceError`` or ``"warn"`` if the tolerance is not
+            reached (by ``max_iter``, or within the dtype's attainable accuracy).
         return_info: Return a ``SolveResult`` instead of the bare solution.
 
     Returns:
@@ -214,28 +223,57 @@ def cg(
     Z = prec(R, active)
     P = Z.clone()
     rz = (R * Z).sum(0)
+    # The updated residual R drifts from b − (A + λI) x in low precision, below the true
+    # residual (float32 with κ = 1e4 claimed 1e-4 at a true 3.4e-4). As in minres: claims wait
+    # in ``pending``, one product checks them once no column is active, and a column that
+    # misses the tolerance restarts CG from its x on the true residual (residual replacement);
+    # a restart that does not lower the true residual ends the column as unconverged.
+    last_true = torch.full_like(res, math.inf)
+    pending = torch.zeros_like(active)
+    failed = torch.zeros_like(active)
     it = 0
-    while bool(active.any()) and it < max_iter:
-        it += 1
-        AP = op(P, active)
-        pAp = (P * AP).sum(0)
-        if bool((pAp[active] <= 0).any()):
-            raise ValueError(
-                "cg: found a direction of non-positive curvature (pᵀ(A + λI)p <= 0): the operator "
-                "is not positive definite. Add damping, or use minres for indefinite systems."
-            )
-        alpha = torch.where(active, rz / torch.where(active, pAp, 1.0), 0.0)
-        X = X + alpha * P
-        R = R - alpha * AP
-        res = torch.where(active, R.norm(dim=0), res)
-        active = active & (res > thresh)
-        Z = prec(R, active)
-        rz_new = (R * Z).sum(0)
-        beta = torch.where(active, rz_new / torch.where(rz == 0, 1.0, rz), 0.0)
-        P = Z + beta * P
-        rz = rz_new
+    while True:
+        while bool(active.any()) and it < max_iter:
+            it += 1
+            AP = op(P, active)
+            pAp = (P * AP).sum(0)
+            if bool((pAp[active] <= 0).any()):
+                raise ValueError(
+                    "cg: found a direction of non-positive curvature (pᵀ(A + λI)p <= 0): the "
+                    "operator is not positive definite. Add damping, or use minres for "
+                    "indefinite systems."
+                )
+            alpha = torch.where(active, rz / torch.where(active, pAp, 1.0), 0.0)
+            X = X + alpha * P
+            R = R - alpha * AP
+            res = torch.where(active, R.norm(dim=0), res)
+            pending = pending | (active & (res <= thresh))
+            active = active & (res > thresh)
+            Z = prec(R, active)
+            rz_new = (R * Z).sum(0)
+            beta = torch.where(active, rz_new / torch.where(rz == 0, 1.0, rz), 0.0)
+            P = Z + beta * P
+            rz = rz_new
+        if not bool(pending.any()):
+            break
+        R_true = Bm - op(X, pending)
+        norms = R_true.norm(dim=0)
+        res = torch.where(pending, norms, res)
+        missed = pending & ~(norms <= thresh)  # (a NaN from an overflow misses too)
+        restart = missed & (norms < last_true) & (it < max_iter)
+        failed = failed | (missed & ~restart)
+        pending = torch.zeros_like(pending)
+        if not bool(restart.any()):
+            break
+        last_true = torch.where(restart, norms, last_true)
+        R = torch.where(restart, R_true, R)
+        Z_new = prec(R, restart)
+        P = torch.where(restart, Z_new, P)
+        rz = torch.where(restart, (R * Z_new).sum(0), rz)
+        active = active | restart
     return _finish(
-        caller, X, unflatten, is_vector, it, res, ~active, thresh, on_failure, return_info
+        caller, X, unflatten, is_vector, it, res, ~active & ~failed, thresh, on_failure,
+        return_info,
     )
 
 
@@ -255,7 +293,9 @@ def minres(
 
     Each column minimises ``‖b − (A + λI) x‖`` over its Krylov space (Paige & Saunders), so the
     residual decreases monotonically. Options as in ``cg`` (no preconditioner); ``damping`` may
-    be any finite ``λ >= 0``.
+    be any finite ``λ >= 0``. As in ``cg``, a column whose residual estimate (the Givens
+    recurrence) meets the tolerance is checked against the true residual, and restarted from
+    its ``x`` on it if it misses.
 
     Returns:
         The solution in the form of ``b``, or a ``SolveResult``.
@@ -277,6 +317,9 @@ def minres(
     k = Bm.shape[1]
     eps = torch.finfo(Bm.dtype).eps
 
+    def op(P, columns):
+        return _apply_active(A, P, columns) + damping * P
+
     # Lanczos vectors r1, r2 (unnormalised), y; Givens state per column (Paige–Saunders notation).
     r1 = Bm.clone()
     r2 = Bm.clone()
@@ -292,40 +335,78 @@ def minres(
     sn = torch.zeros_like(oldb)
     w = torch.zeros_like(Bm)
     w2 = torch.zeros_like(Bm)
+    # The recurrence's residual norm phibar drifts from the true one in low precision (loss of
+    # orthogonality: float32 with κ = 1e4 claimed 1e-3 at a true 3e-3, κ = 1e5 at 0.2). A column
+    # whose phibar meets the tolerance waits in ``pending``; once no column is active, one
+    # product checks every pending claim, and a column whose true residual misses the tolerance
+    # restarts MINRES from its current x on that residual. One extra product per solve when
+    # every claim holds; a restart that does not lower the true residual (the attainable
+    # accuracy of the precision) ends the column as unconverged.
+    true_res = torch.zeros_like(oldb)  # where ``checked``
+    checked = torch.zeros_like(active)
+    last_true = torch.full_like(oldb, math.inf)  # at the column's last restart
+    pending = torch.zeros_like(active)
+    failed = torch.zeros_like(active)
     it = 0
-    while bool(active.any()) and it < max_iter:
-        it += 1
-        safe_beta = torch.where(active & (beta > 0), beta, 1.0)
-        v = y / safe_beta
-        y = _apply_active(A, v, active) + damping * v
-        if it >= 2:
-            y = y - (beta / torch.where(oldb == 0, 1.0, oldb)) * r1
-        alfa = (v * y).sum(0)
-        y = y - (alfa / safe_beta) * r2
-        r1, r2 = r2, y
-        oldb = beta
-        beta = y.norm(dim=0)
-        # Apply the previous rotation, then build the new one that annihilates beta.
-        oldeps = epsln
-        delta = cs * dbar + sn * alfa
-        gbar = sn * dbar - cs * alfa
-        epsln = sn * beta
-        dbar = -cs * beta
-        gamma = torch.clamp(torch.hypot(gbar, beta), min=eps)
-        cs = gbar / gamma
-        sn = beta / gamma
-        phi = cs * phibar
-        phibar = torch.where(active, sn * phibar, phibar)  # converged columns keep their residual
-        w1, w2 = w2, w
-        w = (v - oldeps * w1 - delta * w2) / gamma
-        # The recurrences of finished columns run on unchecked and may overflow; select (rather
-        # than multiply by zero) so that an inf or NaN there never reaches their solution.
-        X = X + torch.where(active, phi * w, 0.0)
-        # A zero beta means the Krylov space is exhausted: the solve is exact for that column.
-        newly_done = (phibar <= thresh) | (beta <= eps * gamma)
-        active = active & ~newly_done
-    res = phibar.abs()
-    converged = (res <= thresh) | ~active
+    while True:
+        while bool(active.any()) and it < max_iter:
+            it += 1
+            safe_beta = torch.where(active & (beta > 0), beta, 1.0)
+            v = y / safe_beta
+            y = op(v, active)
+            # oldb = 0 at the first iteration and right after a restart: no previous vector.
+            y = y - torch.where(oldb == 0, 0.0, beta / torch.where(oldb == 0, 1.0, oldb)) * r1
+            alfa = (v * y).sum(0)
+            y = y - (alfa / safe_beta) * r2
+            r1, r2 = r2, y
+            oldb = beta
+            beta = y.norm(dim=0)
+            # Apply the previous rotation, then build the new one that annihilates beta.
+            oldeps = epsln
+            delta = cs * dbar + sn * alfa
+            gbar = sn * dbar - cs * alfa
+            epsln = sn * beta
+            dbar = -cs * beta
+            gamma = torch.clamp(torch.hypot(gbar, beta), min=eps)
+            cs = gbar / gamma
+            sn = beta / gamma
+            phi = cs * phibar
+            phibar = torch.where(active, sn * phibar, phibar)  # finished columns keep theirs
+            w1, w2 = w2, w
+            w = (v - oldeps * w1 - delta * w2) / gamma
+            # The recurrences of finished columns run on unchecked and may overflow; select
+            # (rather than multiply by zero) so that an inf or NaN never reaches their solution.
+            X = X + torch.where(active, phi * w, 0.0)
+            claimed = active & (phibar <= thresh)
+            pending = pending | claimed
+            # A zero beta means the Krylov space is exhausted: the solve is exact for that
+            # column (the least-squares solution where the system is singular).
+            active = active & ~claimed & ~(beta <= eps * gamma)
+        if not bool(pending.any()):
+            break
+        R = Bm - op(X, pending)
+        norms = R.norm(dim=0)
+        true_res = torch.where(pending, norms, true_res)
+        checked = checked | pending
+        missed = pending & ~(norms <= thresh)  # (a NaN from an overflow misses too)
+        restart = missed & (norms < last_true) & (it < max_iter)
+        failed = failed | (missed & ~restart)
+        pending = torch.zeros_like(pending)
+        if not bool(restart.any()):
+            break
+        last_true = torch.where(restart, norms, last_true)
+        checked = checked & ~restart  # its true residual is that of the restart's start
+        r1, r2, y = (torch.where(restart, R, t) for t in (r1, r2, y))
+        beta = torch.where(restart, norms, beta)
+        phibar = torch.where(restart, norms, phibar)
+        oldb, dbar, epsln, sn = (torch.where(restart, 0.0, t) for t in (oldb, dbar, epsln, sn))
+        cs = torch.where(restart, -1.0, cs)
+        w, w2 = (torch.where(restart, 0.0, t) for t in (w, w2))
+        active = active | restart
+    # Columns stopped by max_iter (or an exhausted Krylov space) report phibar: no product is
+    # added to a solve truncated on purpose.
+    res = torch.where(checked & ~active, true_res, phibar.abs())
+    converged = ~failed & ((res <= thresh) | ~active)
     return _finish(
         caller, X, unflatten, is_vector, it, res, converged, thresh, on_failure, return_info
     )

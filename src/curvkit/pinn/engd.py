@@ -28,8 +28,8 @@ from curvkit.linalg.gram import gram
 from curvkit.pinn._mlp import mlp_derivatives, mlp_structure
 from curvkit.pinn.base import Batch, Problem
 from curvkit.pinn.jacobian import linearize
-from curvkit.pinn.residuals import residual_function
-from curvkit.pinn.solves import damped_cholesky_solve
+from curvkit.pinn.residuals import _check_batch, residual_function
+from curvkit.pinn.solves import check_dense_memory, damped_cholesky_solve
 
 __all__ = ["ENGD", "HessianFree", "LINE_SEARCH_GRID", "line_search"]
 
@@ -135,6 +135,8 @@ class NaturalGradientBase(Optimizer):
     """
 
     _caller = "NaturalGradientBase"
+    # What to suggest when a step's dense matrices do not fit (see ``_check_memory``).
+    _alternatives = "Use fewer points per step (num_interior / num_boundary) or a smaller network."
 
     def __init__(self, model: nn.Module, problem: Problem, defaults: dict):
         if not isinstance(model, nn.Module):
@@ -162,6 +164,26 @@ class NaturalGradientBase(Optimizer):
 
     def _direction(self, lin: LinearOperator, group: dict, params: list[Tensor]) -> Tensor:
         raise NotImplementedError
+
+    def _dense_matrices(self, N: int, P: int, group: dict) -> list[tuple[str, tuple[int, int]]]:
+        """The dense matrices a step holds at once, ``(description, shape)``, for ``N`` points."""
+        return []
+
+    def _check_memory(self, N: int) -> None:
+        """Refuse a step on ``N`` points whose dense matrices cannot fit, before allocating any.
+
+        ``step`` calls it, and ``train`` once before its first evaluation.
+        """
+        group = self.param_groups[0]
+        params = group["params"]
+        P = sum(p.numel() for p in params)
+        check_dense_memory(
+            self._dense_matrices(N, P, group),
+            dtype=params[0].dtype,
+            device=params[0].device,
+            caller=f"{self._caller} (N = {N:,} points, P = {P:,} parameters)",
+            alternatives=self._alternatives,
+        )
 
     def _step_size(
         self,
@@ -194,6 +216,9 @@ class NaturalGradientBase(Optimizer):
         """
         group = self.param_groups[0]
         params = group["params"]
+        # Checked as linearize checks it (and named so), since N is needed before linearising.
+        batch = _check_batch(self.problem, batch, "linearize", self.model)
+        self._check_memory(batch[0].shape[0] + batch[1].shape[0])
         lin = linearize(self.model, self.problem, batch)
         current = 0.5 * float(lin.residual.square().sum())
         eta = 0.0
@@ -225,6 +250,12 @@ class ENGD(NaturalGradientBase):
     """
 
     _caller = "ENGD"
+    _alternatives = (
+        "ENGD's P × P Gramian grows with the square of the network size: use ENGD-Woodbury or "
+        "SPRING (an N × N kernel instead; method 'engd_woodbury' / 'spring'), their randomized "
+        "Nyström solvers (solver='nystrom', rank=...), Hessian-free (matrix-free Gramian), or "
+        "a smaller network or batch."
+    )
 
     def __init__(
         self,
@@ -236,6 +267,11 @@ class ENGD(NaturalGradientBase):
     ):
         _check_nonneg(damping, "damping", self._caller)
         super().__init__(model, problem, dict(lr=lr, damping=damping))
+
+    def _dense_matrices(self, N, P, group):
+        # J, the Gramian and its Cholesky factor are alive together in the solve.
+        return [("Jacobian J", (N, P)), ("Gramian JᵀJ", (P, P)),
+                ("its Cholesky factor", (P, P))]
 
     def _direction(self, lin, group, params):
         J = lin.to_dense()
@@ -261,6 +297,10 @@ class HessianFree(NaturalGradientBase):
     """
 
     _caller = "HessianFree"
+    _alternatives = (
+        "Use SPRING or ENGD-Woodbury with a randomized Nyström solver (solver='nystrom', "
+        "rank=...), or fewer points per step (num_interior / num_boundary) or a smaller network."
+    )
 
     def __init__(
         self,
@@ -277,6 +317,9 @@ class HessianFree(NaturalGradientBase):
             raise ValueError(f"HessianFree: max_iter must be an int >= 1; got {max_iter!r}.")
         _check_nonneg(rtol, "rtol", self._caller)
         super().__init__(model, problem, dict(lr=lr, damping=damping, max_iter=max_iter, rtol=rtol))
+
+    def _dense_matrices(self, N, P, group):
+        return [("Jacobian J", (N, P))]
 
     def _direction(self, lin, group, params):
         # Up to max_iter products with JᵀJ: forming J's per-layer blocks once per step makes each

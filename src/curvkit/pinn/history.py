@@ -1,4 +1,13 @@
-"""Training histories: the per-step record of a PINN run, saved as JSON and plotted as PNG."""
+"""Training histories: the per-step record of a PINN run, saved as JSON and plotted as PNG.
+
+The JSON is strict (no ``NaN`` or ``Infinity`` tokens, which most parsers other than Python's
+reject). A float JSON cannot hold is written as ``null`` when it is NaN — an undefined value, as
+``curvkit report`` writes undefined numbers — and as the string ``"inf"`` or ``"-inf"`` when it
+is infinite (``float("inf")`` reads it back). This holds for the per-step lists and for ``meta``
+alike; ``load`` restores NaN and ±inf in the lists and ±inf in ``meta``, where ``null`` reads
+back as ``None`` (``meta`` holds the run's options, which may be ``None`` or infinite, e.g.
+SPRING's ``norm_constraint``, but never NaN: every optimizer rejects NaN options).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,47 @@ from pathlib import Path
 __all__ = ["History", "plot_histories"]
 
 _SERIES = ("step", "time", "loss", "l2_error", "step_size")
+_INFINITIES = {"inf": math.inf, "-inf": -math.inf}
+
+
+def _encode(value):
+    """``value`` with NaN as ``None`` and ±inf as ``"inf"``/``"-inf"``, nested containers too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Mapping):
+        return {key: _encode(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):  # the type is kept: resume compares options exactly
+        return type(value)(_encode(v) for v in value)
+    return value
+
+
+def _decode(value):
+    """Inverse of ``_encode`` for ``meta``: ``"inf"``/``"-inf"`` back to floats (None stays)."""
+    if isinstance(value, str):
+        return _INFINITIES.get(value, value)
+    if isinstance(value, Mapping):
+        return {key: _decode(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_decode(v) for v in value)
+    return value
+
+
+def _decode_series(values, key: str) -> list[float]:
+    """A per-step list read back: ``None`` is NaN, ``"inf"``/``"-inf"`` are ±inf."""
+    out = []
+    for v in values:
+        if v is None:
+            out.append(math.nan)
+        elif isinstance(v, str):
+            if v not in _INFINITIES:
+                raise ValueError(
+                    f"History.from_dict: {key} holds the string {v!r}; expected numbers, null "
+                    "(NaN), 'inf' or '-inf'."
+                )
+            out.append(_INFINITIES[v])
+        else:
+            out.append(float(v))
+    return out
 
 
 @dataclass
@@ -57,23 +107,29 @@ class History:
         return math.inf
 
     def to_dict(self) -> dict:
-        """A JSON-serialisable dict (NaN and inf become None)."""
-        out = asdict(self)
-        for key in ("time", "loss", "l2_error", "step_size"):
-            out[key] = [v if math.isfinite(v) else None for v in out[key]]
-        return out
+        """A dict that strict JSON can hold: NaN becomes ``None``, ±inf ``"inf"``/``"-inf"``.
+
+        The same encoding applies inside ``meta`` (see the module docstring).
+        """
+        return _encode(asdict(self))
 
     @classmethod
     def from_dict(cls, data: Mapping) -> History:
-        """Inverse of ``to_dict``."""
-        nan = lambda xs: [math.nan if v is None else float(v) for v in xs]  # noqa: E731
+        """Inverse of ``to_dict`` (also reads the raw floats of an unencoded dict).
+
+        Raises:
+            ValueError: If the per-step lists differ in length or hold strings other than
+                ``"inf"``/``"-inf"``.
+        """
+        series = {
+            key: _decode_series(data[key], key) for key in ("time", "loss", "l2_error")
+        }
+        step_size = data.get("step_size", [None] * len(data["step"]))
         history = cls(
             step=[int(s) for s in data["step"]],
-            time=nan(data["time"]),
-            loss=nan(data["loss"]),
-            l2_error=nan(data["l2_error"]),
-            step_size=nan(data.get("step_size", [None] * len(data["step"]))),
-            meta=dict(data.get("meta", {})),
+            step_size=_decode_series(step_size, "step_size"),
+            meta=_decode(dict(data.get("meta", {}))),
+            **series,
         )
         # One entry per step in every list: zip() in time_to_reach and the plot would otherwise
         # pair values of different steps without a word.
@@ -86,8 +142,14 @@ class History:
         return history
 
     def save(self, path: str | Path) -> None:
-        """Write the history as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        """Write the history as strict JSON (non-finite floats encoded as ``to_dict`` does).
+
+        Raises:
+            TypeError: If ``meta`` holds a value JSON cannot represent (e.g. a tensor).
+        """
+        # allow_nan=False: a non-finite float that escaped the encoding fails here instead of
+        # writing a file that strict JSON parsers reject.
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
 
     @classmethod
     def load(cls, path: str | Path) -> History:

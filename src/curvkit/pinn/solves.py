@@ -4,12 +4,16 @@ Exact solves factor ``M + λI`` by Cholesky in the working precision; if that fa
 below the rounding level of ``M``) the damping is raised tenfold, with a warning, up to
 ``_MAX_RETRIES`` times (the spec's design note). Randomized kernel solves follow the ENGD-W code
 (spec step 6): the "GPU-efficient" Nyström inverse with a fresh Gaussian sketch every step, and
-Nyström-preconditioned CG with a few iterations.
+Nyström-preconditioned CG with a few iterations. ``check_dense_memory`` lets a method refuse,
+with the sizes and the alternatives, a step whose dense matrices cannot fit on the device
+(ENGD's ``P × P`` Gramian at the default log-Fokker–Planck size is 111.7 GB in float64).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import warnings
 from typing import Literal
 
@@ -19,7 +23,15 @@ from torch import Tensor
 from curvkit.linalg import ConvergenceWarning, LinearOperator, nystrom, nystrom_pcg
 from curvkit.linalg.nystrom import _UnfactorableSketch
 
-__all__ = ["KernelSolver", "SolveError", "damped_cholesky_solve", "kernel_solve", "KernelOperator"]
+__all__ = [
+    "KernelSolver",
+    "SolveError",
+    "damped_cholesky_solve",
+    "kernel_solve",
+    "KernelOperator",
+    "available_memory",
+    "check_dense_memory",
+]
 
 KernelSolver = Literal["cholesky", "nystrom", "nystrom_stable", "nystrom_pcg"]
 _SOLVERS = ("cholesky", "nystrom", "nystrom_stable", "nystrom_pcg")
@@ -34,6 +46,69 @@ class SolveError(ValueError):
     Typically a diverging run: the matrix holds inf/NaN or its scale swamps the damping.
     ``train`` stops on it with a warning and keeps the history.
     """
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes that tensors on ``device`` can take at most, or None where that is unknown.
+
+    CUDA: the driver's free memory plus what PyTorch's caching allocator holds unused. CPU: the
+    physical memory (``SC_PAGE_SIZE · SC_PHYS_PAGES``), or a smaller cgroup v2 limit
+    (``/sys/fs/cgroup/memory.max``, as in a container). Other devices: None.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+    except OSError:
+        return physical
+    return min(physical, int(limit)) if limit.isdigit() else physical
+
+
+def check_dense_memory(
+    matrices: list[tuple[str, tuple[int, int]]],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    caller: str,
+    alternatives: str,
+) -> None:
+    """Raise before allocating if a step's dense matrices cannot fit on ``device``.
+
+    The sum of the listed matrices is a lower bound of the step's peak (they are alive
+    together; temporaries come on top), so the check never refuses a step that would fit.
+
+    Args:
+        matrices: ``(description, (rows, cols))`` of every dense matrix the step holds at once.
+        dtype: Their dtype.
+        device: Where they would be allocated.
+        caller: The method, named in the message.
+        alternatives: What to use instead, appended to the message.
+
+    Raises:
+        ValueError: If they need more bytes than ``available_memory(device)``.
+    """
+    available = available_memory(device)
+    if available is None:
+        return
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    needed = sum(math.prod(shape) for _, shape in matrices) * itemsize
+    if needed <= available:
+        return
+    listed = ", ".join(f"{name} {rows:,} × {cols:,}" for name, (rows, cols) in matrices)
+    raise ValueError(
+        f"{caller}: a step needs {needed / 2**30:,.1f} GiB ({needed:,} bytes) for its dense "
+        f"{str(dtype).removeprefix('torch.')} matrices ({listed}), but {torch.device(device)} "
+        f"has {available / 2**30:,.1f} GiB. {alternatives}"
+    )
 
 
 class KernelOperator(LinearOperator):

@@ -150,6 +150,10 @@ def train(
         device=device,
     )
     optimizer = _make_optimizer(method, model, problem, options)
+    if method != "adam":
+        # Before the first evaluation: ENGD at the default log-Fokker–Planck size would
+        # otherwise evaluate the model and then fail asking for ~100 GB for the Gramian.
+        optimizer._check_memory(n_in + n_bd)
     fixed_batch = None
     if not resample:
         fixed_batch = problem.sample(n_in, n_bd, generator=sampler, dtype=dtype, device=device)
@@ -180,7 +184,10 @@ def train(
         state = torch.load(resume, map_location="cpu", weights_only=False)
         # load_state_dict would keep the checkpoint's hyperparameters over ``options`` (or fail
         # with a KeyError for another method), and another problem or batch would go unnoticed.
-        saved = state["history"].get("meta", {})
+        # Decoded: the checkpoint holds the history's JSON form, where an infinite option
+        # (e.g. SPRING's norm_constraint) is the string "inf".
+        history = History.from_dict(state["history"])
+        saved = history.meta
         differing = [
             f"{key} (checkpoint {saved[key]!r}, now {value!r})"
             for key, value in meta.items()
@@ -196,7 +203,6 @@ def train(
         sampler.set_state(state["sampler"])
         if state["fixed_batch"] is not None:
             fixed_batch = Batch(*(X.to(device) for X in state["fixed_batch"]))
-        history = History.from_dict(state["history"])
         step, elapsed = history.step[-1], history.time[-1]
         if step % eval_every and math.isfinite(history.loss[-1]) and not done():
             # Recorded only because the earlier run stopped there: without it the history

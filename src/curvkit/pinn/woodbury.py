@@ -49,6 +49,18 @@ class _KernelMixin:
     ``state_dict()`` to numbers and tensors, and resumed runs draw the same sketches.
     """
 
+    _alternatives = (
+        "Use a randomized Nyström solver (solver='nystrom', 'nystrom_stable' or 'nystrom_pcg' "
+        "with rank=...), whose sketch is N × rank, or fewer points per step (num_interior / "
+        "num_boundary)."
+    )
+
+    def _dense_matrices(self, N, P, group):
+        if group["solver"] == "cholesky":  # the kernel and its factor are alive together
+            return [("kernel JJᵀ", (N, N)), ("its Cholesky factor", (N, N))]
+        # The sketch Ω and its product K Ω (the Nyström factor replaces one of them).
+        return [("Nyström sketch and its product", (N, 2 * group["rank"]))]
+
     def _solve(self, lin, rhs: Tensor, group: dict, params: list[Tensor]) -> Tensor:
         generator = None
         if group["solver"] != "cholesky":
