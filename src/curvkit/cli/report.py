@@ -170,3 +170,7 @@ def _print_summary(r: dict) -> None:
             f"{name.upper()} vs GGN relative error: top eigenspace {q['top_eigenspace_rel_error']:.3f}, "
             f"random directions {q['random_directions_rel_error']:.3f}"
         )
+    density = r.get("ggn_density") or {}
+    fraction = density.get("near_zero_fraction")
+    if isinstance(fraction, float) and math.isfinite(fraction):
+        print(f"GGN spectrum near zero (λ <= {density['near_zero_threshold']:.1e}): {fraction:.1%}")
