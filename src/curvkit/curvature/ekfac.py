@@ -19,7 +19,6 @@ References:
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Literal
 
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from curvkit.curvature.kfac import KFAC
 from curvkit.curvature.kfac_blocks import Block
+from curvkit.curvature.kfac_pass import type2_positions
 from curvkit.linalg import LinearOperator
 
 __all__ = ["EKFAC"]
@@ -81,7 +81,8 @@ class EKFAC(KFAC):
             return
         fp = self._make_pass(per_example=True)
         fp.check = False
-        fp.shared_paths = self._shared_paths  # found by the factor pass: no second search
+        # found by the factor pass: no second search
+        fp.shared_paths, fp.unbatched_paths = self._shared_paths, self._unbatched_paths
         gen = self._generator()  # the same labels as the factor pass
 
         warned = False
@@ -89,7 +90,7 @@ class EKFAC(KFAC):
         def per_batch(batch):
             nonlocal warned
             out = fp.forward(batch)
-            if self.fisher == "type2" and not warned and (T := self._positions(out)) > 1:
+            if self.fisher == "type2" and not warned and (T := type2_positions(self.loss, out)) > 1:
                 warned = True
                 warnings.warn(
                     f"EKFAC: fisher='type2' backpropagates each output column over all {T} "
@@ -123,12 +124,6 @@ class EKFAC(KFAC):
             if spec.bias is not None and not spec.joint:
                 f["Eb"] = next(totals)
         self._build()
-
-    def _positions(self, out: Tensor) -> int:
-        """Positions per example that share one type-2 vector (see ``backprop_vectors``)."""
-        if self.loss.class_dim is not None:
-            return self.loss.to_terms(out).shape[1]
-        return math.prod(out.shape[1:-1])
 
     @staticmethod
     def _second_moments(plan, a: Tensor, g: Tensor, QA: Tensor, QG: Tensor) -> list[Tensor]:

@@ -31,6 +31,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Literal
@@ -47,6 +48,7 @@ from curvkit.curvature.kfac_pass import (
     LayerPlan,
     backprop_vectors,
     plan_layers,
+    type2_positions,
 )
 from curvkit.curvature.kfac_state import LayerSpec, check_state
 from curvkit.curvature.losses import output_loss
@@ -66,7 +68,10 @@ class KFAC(LinearOperator):
     ``Kronecker`` blocks (and dense/diagonal blocks for norm layers and other parameters).
 
     Args:
-        model: ``nn.Module`` called as ``model(X)``; supported layers must see the batch first.
+        model: ``nn.Module`` called as ``model(X)``, returning one tensor; the examples come
+            first in ``X`` (per-example quantities also need them first at the layers: a
+            probe pass of the first example alone checks both). Layers run under autocast get
+            factors in the parameters' dtype.
         loss_fn: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``, reduction
             ``"mean"`` or ``"sum"``.
         data: Re-iterable of ``(X, y)`` or weighted ``(X, y, w)`` batches, ``w: (N,)`` ``>= 0``;
@@ -74,8 +79,10 @@ class KFAC(LinearOperator):
         params: ``None`` (all trainable parameters), a list of the model's parameters or a
             mapping name → tensor.
         fisher: ``"type2"`` (exact output-Hessian square root: one backward pass per class or
-            output entry), ``"mc"`` (``mc_samples`` sampled labels), ``"empirical"`` (true
-            labels) or ``"forward_only"`` (``G = I``).
+            output entry, all positions of an example at once; with several output terms per
+            example the per-example blocks of norm layers and other parameters then carry
+            products between positions, with a warning), ``"mc"`` (``mc_samples`` sampled
+            labels), ``"empirical"`` (true labels) or ``"forward_only"`` (``G = I``).
         mc_samples: Number of sampled labels per example for ``fisher="mc"``.
         approx: ``"expand"`` or ``"reduce"`` for weight-shared layers (sequences, convolutions).
         separate_bias: Give biases their own block ``G`` instead of joining them to the weight
@@ -191,7 +198,8 @@ class KFAC(LinearOperator):
         that acts as KFAC.
         """
         saved = {k: getattr(self, k, None)
-                 for k in ("specs", "others", "factors", "_op", "_shared_paths")}
+                 for k in ("specs", "others", "factors", "_op", "_shared_paths",
+                           "_unbatched_paths")}
         try:
             yield
         except BaseException:
@@ -202,8 +210,14 @@ class KFAC(LinearOperator):
         fp = self._make_pass()
         gen = self._generator()
 
+        first = True
+
         def per_batch(batch):
+            nonlocal first
             out = fp.forward(batch)
+            if first:
+                first = False
+                self._warn_type2_positions(fp, out)
             V = fp.vectors(batch, out, gen)
             if fp.check:
                 fp.check = False  # first batch only
@@ -234,6 +248,21 @@ class KFAC(LinearOperator):
         totals = fp.reduce(per_batch, desc=f"{type(self).__name__} factors", normalise=False)
         self._store(fp, totals, fp.engine.loss_scale())
         return self
+
+    def _warn_type2_positions(self, fp: FactorPass, out: Tensor) -> None:
+        """Warn where type-2 vectors spanning several positions reach per-example blocks."""
+        exact = fp.others + [n for p in fp.layers if not p.is_kron
+                             for n in (p.weight, p.bias) if n is not None]
+        if self.fisher == "type2" and exact and (T := type2_positions(self.loss, out)) > 1:
+            warnings.warn(
+                f"{type(self).__name__}: fisher='type2' backpropagates each output column over "
+                f"all {T} positions of an example at once, so the per-example blocks of "
+                f"{exact} (norm layers, other parameters) also sum products between positions, "
+                "which the GGN does not have (they are its blocks with one output term per "
+                "example); fisher='mc' is unbiased here.",
+                UserWarning,
+                stacklevel=5,
+            )
 
     def _input_factor(self, fp: FactorPass, plan: LayerPlan, batch) -> list[Tensor]:
         """``[Σ w a aᵀ (groups, d, d), Σ w S (1,)]``: input factor sum and its normaliser.
@@ -314,7 +343,7 @@ class KFAC(LinearOperator):
 
         self.specs = [LayerSpec.of(p) for p in fp.layers]
         self.others = list(fp.others)
-        self._shared_paths = fp.shared_paths
+        self._shared_paths, self._unbatched_paths = fp.shared_paths, fp.unbatched_paths
         self.factors = {}
         it = iter(totals)
         checks = []  # per Kronecker layer: (its weight count, its factors' diagonal sum)

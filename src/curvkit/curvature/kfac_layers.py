@@ -32,7 +32,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from curvkit.linalg.gram import gram
 
-__all__ = ["KroneckerRule", "NormRule", "rule_for"]
+__all__ = ["KroneckerRule", "NormRule", "rule_for", "batch_statistics_norms"]
 
 
 def _batch_first(x: Tensor, module: nn.Module, what: str) -> int:
@@ -341,6 +341,17 @@ class InstanceNormRule(NormRule):
         use_input = module.training or not module.track_running_stats
         running = (None, None) if use_input else (module.running_mean, module.running_var)
         return F.instance_norm(x, *running, None, None, use_input, 0.0, module.eps)
+
+
+def batch_statistics_norms(model: nn.Module) -> list[nn.Module]:
+    """BatchNorm modules that normalise with batch statistics, coupling the examples.
+
+    In training mode (which also updates the running statistics), and in eval mode without
+    running statistics (``track_running_stats=False``).
+    """
+    return [m for m in model.modules()
+            if isinstance(m, _BatchNorm)
+            and (m.training or m.running_mean is None)]
 
 
 _RULES: tuple[tuple[type, object], ...] = (

@@ -33,10 +33,15 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_map
 
 from curvkit.curvature.engine import Batch, DataEngine
-from curvkit.curvature.kfac_layers import KroneckerRule, NormRule, rule_for
+from curvkit.curvature.kfac_layers import (
+    KroneckerRule,
+    NormRule,
+    batch_statistics_norms,
+    rule_for,
+)
 from curvkit.curvature.losses import OutputLoss
 
-__all__ = ["LayerPlan", "plan_layers", "FactorPass"]
+__all__ = ["LayerPlan", "plan_layers", "FactorPass", "type2_positions"]
 
 FISHER_TYPES = ("type2", "mc", "empirical", "forward_only")
 
@@ -82,6 +87,10 @@ def plan_layers(model: nn.Module, params: dict[str, Tensor], *, separate_bias: b
         ValueError: If one parameter belongs to two modules with rules (weight tying across
             modules, e.g. an embedding tied to the output layer).
     """
+    if isinstance(model, nn.DataParallel):
+        raise ValueError(f"KFAC: the model is wrapped in {type(model).__name__}, whose forward "
+                         "cannot run with substituted parameters (torch.func.functional_call); "
+                         "pass the module it wraps, model.module.")
     # Match modules to selected parameters by the model's own parameter names (``params`` may
     # hold other tensors of the same shapes, e.g. a different point), deduplicated as
     # ``named_parameters`` does, so a tensor shared by two modules has one name.
@@ -150,6 +159,13 @@ def backprop_vectors(loss: OutputLoss, fisher: str, out: Tensor, batch: Batch, m
     return V
 
 
+def type2_positions(loss: OutputLoss, out: Tensor) -> int:
+    """Positions per example that share one type-2 vector (see ``backprop_vectors``)."""
+    if loss.class_dim is not None:
+        return loss.to_terms(out).shape[1]
+    return math.prod(out.shape[1:-1])
+
+
 def _cat(parts: list[Tensor]) -> Tensor:
     """Calls of one module joined along the positions (no copy for the usual single call)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -166,10 +182,17 @@ def _example_dims(batch: Batch):
                     else None, batch.X)
 
 
-def _training_batch_norms(model: nn.Module) -> list[nn.Module]:
-    """BatchNorm modules in training mode (batch statistics, running statistics updated)."""
-    return [m for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+def _probe_inputs(batch: Batch) -> list[tuple[int, object]]:
+    """``(examples, input)`` probes that tell layer inputs per example from shared ones.
+
+    The first example alone, then, for models that cannot run one example (a ``squeeze()`` of
+    the batch dimension, a BatchNorm1d in training mode), the batch twice over (``2N``
+    examples, the same batch statistics).
+    """
+    dims = _example_dims(batch)
+    return [(1, tree_map(lambda t, d: t if d is None else t[:1], batch.X, dims)),
+            (2 * batch.batch_size,
+             tree_map(lambda t, d: t if d is None else torch.cat([t, t]), batch.X, dims))]
 
 
 class FactorPass:
@@ -201,10 +224,20 @@ class FactorPass:
         # Paths of the modules called on a tensor shared by all examples: found on the first
         # batch, or given by an earlier pass over the same model (EKFAC's correction pass).
         self.shared_paths: list[str] | None = None
+        # Paths of the modules whose input does not hold the examples in front (found with the
+        # shared ones).
+        self.unbatched_paths: list[str] = []
+        # Set when no probe pass slices the output as it slices the input's first dimension.
+        self.input_not_batch_first = False
+        self._out_numel = 0  # the first batch's output size, for the probes
         # On CPU, 2-d/3-d convolutions and pooling run about twice as fast channels last; the
         # pass feeds image batches in that layout (the same values), unless the model refuses
         # it on the first batch (e.g. ``x.view`` on a non-contiguous activation).
-        device = next(iter(engine.params.values())).device
+        first = next(iter(engine.params.values()))
+        device = first.device
+        # Layers run under autocast see and return lower-precision tensors: their inputs and
+        # output gradients are brought to the factors' (the parameters') dtype.
+        self.dtype = first.dtype
         self._channels_last = device.type == "cpu" and any(
             isinstance(p.module, (nn.Conv2d, nn.Conv3d)) for p in layers)
         # Leaves of our own: gradients never reach the user's tensors, and ``params`` given
@@ -231,7 +264,11 @@ class FactorPass:
                 # The supported layers take one input, which may come by keyword
                 # (``lin(input=x)``, ``rms_norm(x=x)``).
                 x = args[0] if args else next(iter(kwargs.values()))
-                plan.calls.append((x.detach() if isinstance(x, Tensor) else x, edge))
+                if isinstance(x, Tensor):
+                    x = x.detach()
+                    if x.is_floating_point():
+                        x = x.to(self.dtype)  # no copy unless under autocast
+                plan.calls.append((x, edge))
         return record
 
     def forward(self, batch: Batch) -> Tensor:
@@ -253,8 +290,13 @@ class FactorPass:
                 raise
             self._channels_last = False  # the model needs its own layout: keep it
             out = self._record(batch.X)
+        if not isinstance(out, Tensor):
+            raise ValueError(f"KFAC: the model must return one output tensor; it returned a "
+                             f"{type(out).__name__}. Wrap it to return the output the loss "
+                             "takes (e.g. lambda x: model(x)[0] in an nn.Module).")
         self.loss.check(out, batch.y)
         if self._first:
+            self._out_numel = out.numel()
             self._finalise_plan(batch)
         elif missing := [p.path for p in self.layers if not p.calls]:
             raise ValueError(f"KFAC: modules {missing} were called in the first batch but not in "
@@ -288,44 +330,73 @@ class FactorPass:
     def _shared_input_layers(self, batch: Batch) -> list[LayerPlan]:
         """Planned modules called on a tensor that holds no example dimension.
 
-        A positional embedding of ``torch.arange(S)`` is the common case: its output is
+        Also sets ``unbatched_paths``: the modules whose input holds the examples elsewhere
+        than in front.
+
+        A positional embedding of ``torch.arange(S)`` is the common shared case: its output is
         broadcast over the examples, so autograd hands back its output gradient already summed
         over them and no Kronecker factor of per-example quantities can be formed — whatever
-        the shapes say (``S`` may well be a multiple of ``N``). Found by one forward pass of the
-        first example alone: such a call's input is as large as with the whole batch. Skipped
-        with one example (then every factor is exact). BatchNorm layers in training mode get
-        their running statistics back afterwards, as if the extra pass had not happened.
+        the shapes say (``S`` may well be a multiple of ``N``). A sequence-first input
+        ``(S, N, D)`` passes for batch-first when ``S = N``, and per-example quantities would
+        then be taken over positions. Both are told by one forward pass of the first example
+        alone (or of the batch twice over, for a model that cannot run one example; see
+        ``_probe_inputs``): a shared call's input is as large as with the whole batch, and a
+        batch-first one has as many leading rows as the probe has examples. Skipped with one
+        example (then every factor is exact, and the shapes tell the rest). BatchNorm layers in
+        training mode get their running statistics back afterwards, as if the extra pass had
+        not happened. Given by an earlier pass over the same model (EKFAC's correction pass),
+        nothing is run.
         """
         if self.shared_paths is not None:
             return [p for p in self.layers if p.path in self.shared_paths]
+        self.unbatched_paths = []
         N = batch.batch_size
         if N < 2:
             return []
         full = {id(p): p.calls for p in self.layers}
-        one = tree_map(lambda t, d: t if d is None else t[:1], batch.X, _example_dims(batch))
         # The pass updates copies: the originals may be saved for the batch's backward pass.
-        statistics = [(m, name, b) for m in _training_batch_norms(self.engine.model)
+        statistics = [(m, name, b) for m in batch_statistics_norms(self.engine.model)
                       for name, b in m.named_buffers(recurse=False)]
         for module, name, b in statistics:
             setattr(module, name, b.clone())
+        probed, size, ran, valid = {}, 0, False, False  # neither probe runs: cannot tell
         try:
-            with torch.no_grad():
-                self._record(one)
-            single = {id(p): p.calls for p in self.layers}
-        except Exception:  # noqa: BLE001  (a model that cannot run one example: cannot tell)
-            single = {}
+            for examples, probe in _probe_inputs(batch):
+                try:
+                    with torch.no_grad():
+                        out = self._record(probe)
+                except Exception:  # noqa: BLE001, S112  (the next probe may run)
+                    continue
+                ran = True
+                # Slicing the examples slices the output in proportion (tokens flattened into
+                # rows), or keeps one output row per example (outputs that couple the examples,
+                # a model trimming to the longest sequence); neither means that the input's
+                # first dimension does not hold the examples (a sequence-first input of N
+                # positions).
+                if isinstance(out, Tensor) and (
+                        out.numel() * N == self._out_numel * examples
+                        or (out.ndim > 0 and out.shape[0] == examples)):
+                    probed, size, valid = {id(p): p.calls for p in self.layers}, examples, True
+                    break
         finally:
             for p in self.layers:
                 p.calls = full[id(p)]
             for module, name, b in statistics:
                 setattr(module, name, b)
+        if ran and not valid:  # no layer input can be trusted to hold the examples in front
+            self.input_not_batch_first = True
+            self.unbatched_paths = [p.path for p in self.layers]
         shared = []
         for plan in self.layers:
-            calls = single.get(id(plan), [])
-            if len(calls) == len(plan.calls) and any(
-                    isinstance(x, Tensor) and x.numel() == y.numel()
-                    for (x, _), (y, _) in zip(plan.calls, calls)):
+            calls = probed.get(id(plan), [])
+            if len(calls) != len(plan.calls):
+                continue
+            pairs = [(x, y) for (x, _), (y, _) in zip(plan.calls, calls)
+                     if isinstance(x, Tensor) and isinstance(y, Tensor)]
+            if any(x.numel() == y.numel() for x, y in pairs):
                 shared.append(plan)
+            elif any(y.ndim == 0 or y.shape[0] != size for _, y in pairs):
+                self.unbatched_paths.append(plan.path)
         return shared
 
     def _finalise_plan(self, batch: Batch) -> None:
@@ -346,16 +417,26 @@ class FactorPass:
         self.layers = [p for p in self.layers if p.calls]
         order = list(self.engine.params)
         self.others.sort(key=order.index)
+        if self.others and self.input_not_batch_first:
+            raise ValueError(f"KFAC: parameters {self.others} get exact per-example blocks from "
+                             "forward passes of single examples, taken along the first dimension "
+                             "of the model's input; there it does not hold the examples (the "
+                             "first example alone does not give one example's share of the "
+                             "output: sequence-first input?). Pass batch-first inputs or exclude "
+                             "them via params=.")
         if self.others and self.other == "error":
             raise ValueError(f"KFAC: parameters {self.others} belong to no supported layer "
                              "(Linear, Conv1d/2d/3d, Embedding, LayerNorm, RMSNorm, GroupNorm, "
                              "BatchNorm); pass other='diagonal' or 'dense', or exclude them.")
-        training_norms = _training_batch_norms(self.engine.model)
-        if self.others and training_norms:
+        coupling = batch_statistics_norms(self.engine.model)
+        if self.others and coupling:
+            # Each one-example pass would normalise its example by that example's own
+            # statistics, not the batch's the factors were computed with.
             raise ValueError(f"KFAC: parameters {self.others} get exact per-example blocks from "
-                             "one-example forward passes, which a BatchNorm in training mode "
-                             f"({type(training_norms[0]).__name__}: batch statistics) does not "
-                             "allow; call model.eval() or exclude them via params=.")
+                             "one-example forward passes, which a BatchNorm normalising with "
+                             f"batch statistics ({type(coupling[0]).__name__}: training mode or "
+                             "track_running_stats=False) does not allow; call model.eval() with "
+                             "running statistics or exclude them via params=.")
         uncovered = self.others + [n for p in self.layers if not p.is_kron
                                    for n in (p.weight, p.bias) if n is not None]
         if uncovered and self.fisher == "forward_only":
@@ -368,11 +449,16 @@ class FactorPass:
                 if edge is None:
                     raise ValueError(f"KFAC: the output of module {plan.path!r} does not require "
                                      "grad; cannot backpropagate to it.")
-                if per_example and x.shape[0] != batch.batch_size:
+                if per_example and (x.shape[0] != batch.batch_size
+                                    or plan.path in self.unbatched_paths):
+                    N = batch.batch_size
+                    why = (f"is not the batch size {N}" if x.shape[0] != N else
+                           f"equals the batch size {N} but does not hold the examples (a "
+                           "one-example pass gives it another size: sequence-first?)")
                     raise ValueError(
                         f"KFAC: module {plan.path!r} got an input of shape {tuple(x.shape)} whose "
-                        f"first dimension is not the batch size {batch.batch_size}; per-example "
-                        "quantities (reduce, weights, norm layers, EKFAC) need batch-first layers.")
+                        f"first dimension {why}; per-example quantities (reduce, weights, norm "
+                        "layers, EKFAC) need batch-first layers.")
         self._first = False
 
     # ------------------------------------------------------------------ per-layer pieces
@@ -408,8 +494,12 @@ class FactorPass:
         """Gradient edges of all recorded calls, layer by layer."""
         return [edge for plan in self.layers for _, edge in plan.calls]
 
-    def backward(self, out: Tensor, v: Tensor, extra: list[Tensor] = (), *, retain: bool):
-        """Gradients at every recorded call (grouped per layer) and at ``extra`` tensors."""
+    def backward(self, out: Tensor, v: Tensor, extra: list[Tensor] = (), *, retain: bool,
+                 cast: bool = True):
+        """Gradients at every recorded call (grouped per layer) and at ``extra`` tensors.
+
+        With ``cast`` the calls' gradients come in the parameters' dtype (not in autocast's).
+        """
         edges = self.edges()
         if not edges and not extra:  # only "other" parameters selected: nothing to ask autograd
             return [], []
@@ -417,7 +507,8 @@ class FactorPass:
                                     allow_unused=True, materialize_grads=True)
         per_layer, i = [], 0
         for plan in self.layers:
-            per_layer.append(list(grads[i:i + len(plan.calls)]))
+            per_layer.append([g.to(self.dtype) if cast else g
+                              for g in grads[i:i + len(plan.calls)]])
             i += len(plan.calls)
         return per_layer, list(grads[len(edges):])
 
@@ -440,7 +531,14 @@ class FactorPass:
             _, vjp_fn = vjp(f, sub)
             return vmap(vjp_fn)(v)[0]
 
-        U = vmap(per_example, in_dims=(x_dims, 1))(batch.X, V)
+        try:
+            U = vmap(per_example, in_dims=(x_dims, 1))(batch.X, V)
+        except Exception as err:  # an RNN, PReLU (PyTorch's vmap rules), a one-example failure
+            raise ValueError(
+                f"KFAC: the exact blocks of parameters {self.others} (no Kronecker or norm rule "
+                "for their use) come from torch.func.vmap over one-example forward passes, "
+                f"which this model does not support ({type(err).__name__}: {err}). Exclude "
+                "them via params=.") from err
         return {n: u.reshape(u.shape[0], u.shape[1], -1) for n, u in U.items()}
 
     # ------------------------------------------------------------------ consistency check
@@ -461,7 +559,13 @@ class FactorPass:
         keep = torch.zeros(N, dtype=v.dtype, device=v.device)
         keep[v.reshape(N, -1).norm(dim=1).argmax()] = 1
         v = v * keep.reshape(N, *([1] * (v.ndim - 1)))
-        grads, true = self.backward(out, v, [self.params[n] for n in names], retain=True)
+        grads, true = self.backward(out, v, [self.params[n] for n in names], retain=True,
+                                    cast=False)
+        # Under autocast a layer's operands and results are rounded to a lower precision: a
+        # few units of it per term (the products still accumulate at the higher precision).
+        eps = {id(plan): max(torch.finfo(g.dtype).eps for g in g_calls)
+               for plan, g_calls in zip(self.layers, grads)}
+        grads = [[g.to(self.dtype) for g in g_calls] for g_calls in grads]
         true = dict(zip(names, true))
         for plan, g_calls, a in zip(self.layers, grads, a_list):
             rebuilt, bound = {}, {}
@@ -491,7 +595,9 @@ class FactorPass:
                 t = true[name]
                 t = (t.to_dense() if t.is_sparse else t).reshape(-1)  # Embedding(sparse=True)
                 tol = 1e-6 * max(1.0, t.abs().max().item())
-                tol = tol + 2 * (rows + 1) * torch.finfo(t.dtype).eps * bound[name].reshape(-1)
+                unit, low = torch.finfo(t.dtype).eps, eps[id(plan)]
+                unit = 2 * (rows + 1) * unit + (4 * low if low > unit else 0.0)
+                tol = tol + unit * bound[name].reshape(-1)
                 r = r.reshape(-1)
                 if not ((r == t) | ((r - t).abs() <= tol + 1e-4 * t.abs())).all():  # inf == inf
                     raise ValueError(
