@@ -254,8 +254,8 @@ class DataEngine:
     def forward(self, X, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """Model output at ``params`` (default: ``self.params``), other parameters fixed."""
         try:
-            return functional_call(self.model, (dict(self.params if params is None else params),
-                                                self._fixed), (X,))
+            out = functional_call(self.model, (dict(self.params if params is None else params),
+                                               self._fixed), (X,))
         except RuntimeError as err:
             # PyTorch's message ("mat1 and mat2 must have the same dtype") names neither the
             # operator nor which side is off: say it when the inputs disagree with the parameters.
@@ -268,6 +268,11 @@ class DataEngine:
                                 f"{p.device}, its floating-point inputs are {found}; convert the "
                                 "data or the model.") from err
             raise
+        if not isinstance(out, Tensor):
+            raise ValueError(f"{self.caller}: the model must return one output tensor (the "
+                             f"loss's input); it returned a {type(out).__name__}. Wrap it in an "
+                             "nn.Module that returns that tensor (e.g. model(x)[0]).")
+        return out
 
     @property
     def scale(self) -> float | None:

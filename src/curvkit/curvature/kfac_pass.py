@@ -290,10 +290,6 @@ class FactorPass:
                 raise
             self._channels_last = False  # the model needs its own layout: keep it
             out = self._record(batch.X)
-        if not isinstance(out, Tensor):
-            raise ValueError(f"KFAC: the model must return one output tensor; it returned a "
-                             f"{type(out).__name__}. Wrap it to return the output the loss "
-                             "takes (e.g. lambda x: model(x)[0] in an nn.Module).")
         self.loss.check(out, batch.y)
         if self._first:
             self._out_numel = out.numel()
