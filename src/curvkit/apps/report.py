@@ -309,6 +309,11 @@ def _plot_ggn_density(ax, report: dict) -> None:
     threshold, fraction = info["near_zero_threshold"], info["near_zero_fraction"]
     ax.plot(grid, dens)
     ax.set_xscale("symlog", linthresh=threshold)
+    # Ticks at 0 and at the decades above the linear band: the default locator also marks
+    # decades inside the band, whose labels then overprint the 0.
+    top = max(float(grid.max()), threshold)
+    ax.set_xticks([0.0] + [10.0 ** k for k in range(math.ceil(math.log10(threshold)),
+                                                    math.floor(math.log10(top)) + 1)])
     ax.axvspan(min(float(grid.min()), 0.0), threshold, color="0.85", zorder=0)
     ax.text(0.98, 0.95, f"{fraction:.1%} of the spectrum at λ ≤ {threshold:.1e}",
             transform=ax.transAxes, ha="right", va="top",
