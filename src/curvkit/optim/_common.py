@@ -211,6 +211,28 @@ def _to_device(value, device):
     return value
 
 
+def conform_state(state: dict, wd: torch.dtype, state_dtype: torch.dtype | None) -> None:
+    """Cast state left in another working dtype to ``wd`` (the parameter's dtype changed).
+
+    After ``model.to(dtype)`` a parameter keeps its identity and state, but the state held in
+    the old working dtype would stay there in part (each tensor is re-stored in the new dtype
+    only when it is next written, the exact ``d`` of SpectralShampoo never), mixing precisions.
+    Every floating tensor in neither ``wd`` nor ``state_dtype`` is cast, as ``torch.optim``'s
+    ``load_state_dict`` casts state to its parameter's dtype; a fixed ``state_dtype`` (e.g.
+    bfloat16) is kept. Nothing changes while the dtype stays (so resume stays bit-for-bit).
+    """
+    for key, value in state.items():
+        if isinstance(value, Tensor):
+            if value.is_floating_point() and value.dtype not in (wd, state_dtype):
+                state[key] = value.to(wd)
+        elif isinstance(value, dict):
+            conform_state(value, wd, state_dtype)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    conform_state(item, wd, state_dtype)
+
+
 def run_step(optimizer: torch.optim.Optimizer, name: str,
              update: Callable[[Tensor, dict, int], None]) -> None:
     """The parameter loop every curvkit optimizer shares.
@@ -249,6 +271,9 @@ def run_step(optimizer: torch.optim.Optimizer, name: str,
             owners.append(owner)
             if p.grad is not None and owner == rank and p.numel() > 0:
                 if ok:
+                    state = optimizer.state.get(p)
+                    if state:
+                        conform_state(state, working_dtype(p), group.get("state_dtype"))
                     update(p, group, index)
                 else:
                     state = optimizer.state[p]
@@ -303,12 +328,26 @@ def exchange_updates(params: list[Tensor], owners: list[int]) -> None:
 
 
 # --------------------------------------------------------------------------- base class
+#: torch.optim flags a param group may carry; set to True they are refused (with the reason)
+#: instead of being ignored. (``foreach`` only picks an implementation and is accepted.)
+_TORCH_FLAGS = {
+    "maximize": " (minimise the negated loss instead)",
+    "capturable": " (CUDA-graph capture of the step)",
+    "differentiable": " (the step runs under torch.no_grad)",
+    "fused": "",
+}
+
+
 class CurvkitOptimizer(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` with the step loop and state loading every curvkit optimizer shares.
 
     Subclasses set ``_name`` and implement ``_update_param(p, group, index)``, the update of one
     parameter that has a gradient; ``step`` runs the closure, checks gradients, splits work
     between ranks and exchanges the updates (``run_step``).
+
+    Under ``torch.compile`` the step is not traced: a compiled training function breaks its
+    graph at ``optimizer.step()`` and runs the step eagerly (its data-dependent basis refreshes
+    and checks would otherwise recompile or graph-break inside the step).
     """
 
     _name = "CurvkitOptimizer"
@@ -321,10 +360,17 @@ class CurvkitOptimizer(torch.optim.Optimizer):
 
         Raises:
             TypeError: For a parameter that is not a real floating tensor.
+            ValueError: For a torch.optim flag this optimizer does not implement
+                (``maximize``, ``capturable``, ``differentiable``, ``fused`` set to ``True``).
         """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            for flag in _TORCH_FLAGS:
+                if group.get(flag, False):
+                    raise ValueError(
+                        f"{self._name}: the torch.optim option {flag}=True is not supported"
+                        f"{_TORCH_FLAGS[flag]}; got it in a param group.")
             for p in group["params"]:
                 if p.is_complex() or not p.is_floating_point():
                     raise TypeError(f"{self._name}: parameters must be real floating tensors; "
@@ -341,8 +387,30 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         """Shapes of the ``exp_avg`` state of ``p`` (one per block), to validate loaded state."""
         return [tuple(p.shape)]
 
+    def state_dict(self) -> dict:
+        """The state dict of ``torch.optim``, loadable with ``torch.load(weights_only=True)``.
+
+        Option values that are functions (e.g. :class:`~curvkit.optim.Symo`'s ``groups``
+        callable) are code, not state: they are left out (``weights_only`` loading refuses
+        them, as ``LambdaLR.state_dict`` leaves out its lambdas) and the loading optimizer keeps
+        its own value.
+        """
+        state_dict = super().state_dict()
+        state_dict["param_groups"] = [{k: v for k, v in g.items() if not callable(v)}
+                                      for g in state_dict["param_groups"]]
+        return state_dict
+
+    def _missing_option(self, key: str, saved: dict, group: dict) -> object:
+        """Value of option ``key`` for a saved group that lacks it (an older or filtered dict)."""
+        return group[key]
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict, keeping the saved state dtypes (e.g. bfloat16) bit-for-bit.
+
+        Load-state-dict pre-hooks run first (their result is what is loaded) and post-hooks
+        last (they see the loaded state), as in ``torch.optim``. Options missing from a saved
+        group (functions, see :meth:`state_dict`; options added in later versions) keep this
+        optimizer's values.
 
         Args:
             state_dict: As returned by :meth:`state_dict`.
@@ -351,7 +419,17 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             ValueError: If the saved state does not fit the parameters (another order or
                 shape); nothing is loaded then.
         """
+        state_dict = state_dict.copy()
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved_groups = state_dict["param_groups"]
+        if len(saved_groups) == len(self.param_groups):
+            saved_groups = [
+                {**{k: self._missing_option(k, s, g) for k in g if k not in s}, **s}
+                for s, g in zip(saved_groups, self.param_groups)]
+            state_dict = {**state_dict, "param_groups": saved_groups}
         if len(saved_groups) == len(self.param_groups) and all(
                 len(s["params"]) == len(g["params"])
                 for s, g in zip(saved_groups, self.param_groups)):
@@ -373,9 +451,22 @@ class CurvkitOptimizer(torch.optim.Optimizer):
                             f"parameter in that position has shape {tuple(p.shape)} (moment "
                             f"shapes {expected}); were the parameters created in another "
                             "order or with other shapes?")
-        super().load_state_dict(state_dict)  # also checks the group and parameter counts
+        # torch's loader would run the hooks again, and its post-hooks before the saved dtypes
+        # are restored (so a hook's edits of the state were overwritten): run it without them
+        pre, post = (self._optimizer_load_state_dict_pre_hooks,
+                     self._optimizer_load_state_dict_post_hooks)
+        self._optimizer_load_state_dict_pre_hooks = type(pre)()
+        self._optimizer_load_state_dict_post_hooks = type(post)()
+        try:
+            super().load_state_dict(state_dict)  # also checks the group and parameter counts
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
         restore_state(self, state_dict)
+        for hook in list(post.values()):
+            hook(self)
 
+    @torch.compiler.disable  # see the class docstring
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step.

@@ -120,6 +120,13 @@ class Muon(CurvkitOptimizer):
     ``0.2 sqrt(max(m, n))`` (``"match_rms_adamw"``, which lets AdamW learning rates transfer).
     AdamW parameters use ``adamw_lr``, ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``.
 
+    Learning-rate schedules act on ``lr`` (``torch.optim.lr_scheduler``, ``ReduceLROnPlateau`` or
+    edits of ``group["lr"]``); the AdamW parameters follow them: they step with
+    ``adamw_lr · lr / base_lr``, where the group option ``base_lr`` is the group's ``lr`` when it
+    was created (or added; pass it in a group to choose another reference; ``base_lr = 0`` keeps
+    ``adamw_lr`` unscaled). ``OneCycleLR``'s momentum cycling moves ``momentum`` only, not
+    ``adamw_betas``.
+
     Which parameters use Muon is the group option ``use_muon``: ``True``, ``False``, or ``None``
     (automatic: tensors with two or more dimensions). Pass :func:`muon_param_groups` to also send
     embeddings and the output head to AdamW.
@@ -213,6 +220,31 @@ class Muon(CurvkitOptimizer):
             raise ValueError(f"{self._name}: use_muon=True needs parameters with >= 2 "
                              f"dimensions; got shape {tuple(p.shape)}.")
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (as ``torch.optim``); its ``base_lr`` defaults to its ``lr``.
+
+        Raises:
+            TypeError: For a parameter that is not a real floating tensor.
+            ValueError: For an option out of range.
+        """
+        if isinstance(param_group, dict) and "base_lr" in param_group:
+            check_range(self._name, "base_lr", param_group["base_lr"], 0.0)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("base_lr", group["lr"])
+
+    def _missing_option(self, key: str, saved: dict, group: dict) -> object:
+        # a state dict saved before base_lr existed: AdamW stepped with adamw_lr itself there
+        return saved["lr"] if key == "base_lr" else super()._missing_option(key, saved, group)
+
+    @staticmethod
+    def _adamw_lr(group: dict[str, Any]) -> float:
+        """``adamw_lr`` scaled by the group's learning-rate schedule ``lr / base_lr``."""
+        lr, base = group["lr"], group["base_lr"]
+        if lr == base or base == 0:  # (exactly adamw_lr when nothing was scheduled)
+            return group["adamw_lr"]
+        return group["adamw_lr"] * (lr / base)
+
     def _update_param(self, p: Tensor, group: dict[str, Any], index: int) -> None:
         wd = working_dtype(p)
         sd = group["state_dtype"] or wd
@@ -246,7 +278,7 @@ class Muon(CurvkitOptimizer):
                 G, state["exp_avg"].to(wd), state["exp_avg_sq"].to(wd), step=state["step"],
                 betas=group["adamw_betas"], eps=group["adamw_eps"])
             state["exp_avg"], state["exp_avg_sq"] = store(m_, sd, gen), store(v_, sd, gen)
-            lr, decay = group["adamw_lr"], group["adamw_weight_decay"]
+            lr, decay = self._adamw_lr(group), group["adamw_weight_decay"]
         if decay:
             p.mul_(1 - lr * decay)
         p.add_(update.to(p.dtype), alpha=-lr)

@@ -329,6 +329,7 @@ class SpectralShampoo(KroneckerOptimizer):
                         orthogonalize_frequency=orthogonalize_frequency)
         super().__init__(params, defaults)
 
+    @torch.compiler.disable  # runs eagerly under torch.compile, as CurvkitOptimizer.step
     @torch.no_grad()
     def step(self, closure=None, *, targets: Mapping[Tensor, tuple[Tensor, Tensor]] | None = None):
         """Perform one optimization step.

@@ -120,7 +120,9 @@ class Symo(CurvkitOptimizer):
         damping: Damping ``ρ`` relative to the largest eigenvalue of the block's statistic.
         groups: ``"auto"``, one tuple of group names used for every parameter of the group, or a
             callable from the working shape (``(n,)`` or ``(m, n)``; higher orders are viewed as
-            ``(shape[0], rest)``) to the names.
+            ``(shape[0], rest)``) to the names. A callable is code, not state: ``state_dict``
+            leaves it out (so ``torch.load`` loads the dict with its default
+            ``weights_only=True``) and the loading optimizer keeps its own ``groups``.
         precondition_frequency: Steps between recomputations of the inverse root.
         weight_decay: Decoupled weight decay ``λ``.
         state_dtype: Storage dtype of the state (bfloat16 with stochastic rounding).
