@@ -182,17 +182,18 @@ def _example_dims(batch: Batch):
                     else None, batch.X)
 
 
-def _probe_inputs(batch: Batch) -> list[tuple[int, object]]:
+def _probe_inputs(batch: Batch):
     """``(examples, input)`` probes that tell layer inputs per example from shared ones.
 
     The first example alone, then, for models that cannot run one example (a ``squeeze()`` of
     the batch dimension, a BatchNorm1d in training mode), the batch twice over (``2N``
-    examples, the same batch statistics).
+    examples, the same batch statistics). A generator: the doubled batch is built only if the
+    first probe fails.
     """
     dims = _example_dims(batch)
-    return [(1, tree_map(lambda t, d: t if d is None else t[:1], batch.X, dims)),
-            (2 * batch.batch_size,
-             tree_map(lambda t, d: t if d is None else torch.cat([t, t]), batch.X, dims))]
+    yield 1, tree_map(lambda t, d: t if d is None else t[:1], batch.X, dims)
+    yield (2 * batch.batch_size,
+           tree_map(lambda t, d: t if d is None else torch.cat([t, t]), batch.X, dims))
 
 
 class FactorPass:
