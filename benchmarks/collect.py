@@ -6,7 +6,7 @@ Run: python benchmarks/collect.py
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-ORDER = ["linalg", "curvature", "kfac", "taylor", "optim", "pinn", "symmetry", "spectral_optim"]
+ORDER = ["linalg", "gram", "curvature", "kfac", "taylor", "optim", "pinn", "symmetry", "spectral_optim"]
 
 HEADER = """# Benchmarks
 

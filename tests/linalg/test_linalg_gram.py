@@ -29,6 +29,7 @@ def test_large_cpu_grams_take_the_host_syrk_and_small_ones_do_not(monkeypatch):
         gram(torch.randn(512, 129))
         gram(torch.randn(512, 10))  # too narrow: torch's matmul
         gram(torch.randn(64, 64))  # too little work
+        gram(torch.randn(128, 1024))  # too few rows: the mirror copy costs more than syrk saves
         torch.set_num_threads(2)  # threads of two pools would compete: torch's matmul
         gram(torch.randn(512, 129))
     finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 # Scripts that take a plain ``--quick`` smoke-test mode; the order is the layers' order.
 _BENCHMARKS = (
     "linalg",
+    "gram",
     "curvature",
     "kfac",
     "taylor",

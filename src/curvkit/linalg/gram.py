@@ -31,6 +31,11 @@ __all__ = ["gram"]
 # 3x slower at 512 x 10).
 _MIN_DIM = 16
 _MIN_WORK = 1 << 20  # N·d²
+# NumPy fills the mirror half after syrk, a transposed copy of d²/2 entries that costs as much
+# as a GEMM of ~100 rows (more at power-of-two d, whose stride thrashes the cache): with few
+# rows the plain product wins. syrk / GEMM time, one thread, same machine (d = 128 ... 2048):
+# N = 16: 0.9-4.1, N = 128: 0.8-1.5, N = 256: 0.7-1.1, N = 512: 0.6-0.9, N = 1024: 0.5-0.7.
+_MIN_ROWS = 256
 # From this width, upper blocks beat one GEMM on several threads (10-28 % on 3000 x 4160).
 _BLOCKED_MIN_DIM = 1024
 
@@ -81,13 +86,14 @@ def gram(m: Tensor) -> Tensor:
     """``mᵀ m`` for ``m: (N, d)``, shape ``(d, d)``.
 
     Large float32/float64 CPU matrices outside autograd: the host BLAS's symmetric rank-k
-    update when PyTorch runs one thread; otherwise (several threads, GPU) upper blocks mirrored
+    update when PyTorch runs one thread (from 256 rows); otherwise (several threads, GPU) upper blocks mirrored
     from ``d >= 1024``; ``m.T @ m`` for the rest.
     """
     N, d = m.shape
     plain = m.requires_grad and torch.is_grad_enabled()
     if (m.device.type == "cpu" and m.dtype in (torch.float32, torch.float64)
-            and d >= _MIN_DIM and N * d * d >= _MIN_WORK and torch.get_num_threads() == 1
+            and d >= _MIN_DIM and N >= _MIN_ROWS and N * d * d >= _MIN_WORK
+            and torch.get_num_threads() == 1
             and not plain):
         return _host_syrk(m.detach())
     if d >= _BLOCKED_MIN_DIM and not plain:
