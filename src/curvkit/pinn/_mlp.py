@@ -80,11 +80,16 @@ class MLPStructure:
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether forward hooks (the module's own or global ones) may change what it computes."""
+    """Whether hooks or an instance ``forward`` may change what the module computes.
+
+    Forward hooks (the module's own or global ones), or a ``forward`` assigned to the instance
+    (``layer.forward = ...``, which the exact-type checks cannot see).
+    """
     from torch.nn.modules import module as _module
 
     return bool(
-        module._forward_hooks
+        "forward" in vars(module)
+        or module._forward_hooks
         or module._forward_pre_hooks
         or _module._global_forward_hooks
         or _module._global_forward_pre_hooks

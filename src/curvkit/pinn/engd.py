@@ -28,7 +28,7 @@ from curvkit.linalg.gram import gram
 from curvkit.pinn._mlp import mlp_derivatives, mlp_structure
 from curvkit.pinn.base import Batch, Problem
 from curvkit.pinn.jacobian import linearize
-from curvkit.pinn.residuals import _check_batch, residual_function
+from curvkit.pinn.residuals import _check_batch, _check_deterministic, residual_function
 from curvkit.pinn.solves import check_dense_memory, damped_cholesky_solve
 
 __all__ = ["ENGD", "HessianFree", "LINE_SEARCH_GRID", "line_search"]
@@ -152,6 +152,7 @@ class NaturalGradientBase(Optimizer):
         if not params:
             raise ValueError(f"{self._caller}: the model has no trainable parameters.")
         _check_lr(defaults["lr"], self._caller)
+        _check_deterministic(model, self._caller)
         super().__init__(params, defaults)
         # The model and problem define the residuals; they are configuration, not state.
         self.model = model

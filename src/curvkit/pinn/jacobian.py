@@ -27,7 +27,14 @@ from curvkit.linalg import LinearOperator
 from curvkit.linalg.gram import gram
 from curvkit.pinn._mlp import forward_laplacian, mlp_structure
 from curvkit.pinn.base import Batch, Derivatives, Problem, _check_dims
-from curvkit.pinn.residuals import _check_batch, _check_untied, _evaluate, _operator
+from curvkit.pinn.residuals import (
+    _check_batch,
+    _check_deterministic,
+    _check_rowwise,
+    _check_untied,
+    _evaluate,
+    _operator,
+)
 
 __all__ = ["ResidualJacobian", "DenseResidualJacobian", "linearize"]
 
@@ -319,6 +326,9 @@ def linearize(
     shapes = [p.shape for p in params]
     structure = None if dense else mlp_structure(model)
     if structure is None:
+        # Only here: the fast path's exact layer types exclude dropout.
+        _check_deterministic(model, "linearize")
+        _check_rowwise(model, batch[1], "linearize")
         return DenseResidualJacobian(*_dense_linearize(model, problem, batch, params), shapes)
 
     detached = [p.detach() for p in params]

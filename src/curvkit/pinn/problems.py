@@ -15,6 +15,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Callable, Sequence
 
@@ -322,9 +323,9 @@ def linear_pde(
     *,
     dim: int,
     source: Callable[[Tensor], Tensor],
-    laplacian: float = 1.0,
-    gradient: Sequence[float] | Tensor | None = None,
-    value: float = 0.0,
+    laplacian: float | Callable[[Tensor], Tensor] = 1.0,
+    gradient: Sequence[float] | Tensor | Callable[[Tensor], Tensor] | None = None,
+    value: float | Callable[[Tensor], Tensor] = 0.0,
     lower: Sequence[float] | Tensor | None = None,
     upper: Sequence[float] | Tensor | None = None,
     laplacian_dims: Sequence[int] | None = None,
@@ -339,13 +340,16 @@ def linear_pde(
     Laplacian over ``laplacian_dims`` ``S``), which the residual code evaluates by collapsed
     Taylor mode; for an arbitrary residual, build a ``Problem`` directly.
 
+    The coefficients may vary in space: ``a``, ``b``, ``c`` are constants or functions of the
+    points (e.g. ``laplacian=lambda X: 1 + X[:, 0]`` for ``(1 + x_0) Δu``).
+
     Args:
         solution: The exact solution ``u*: (N, D) -> (N,)`` (gives the boundary data and the error).
         dim: Input dimension ``D``.
-        source: ``f: (N, D) -> (N,)``.
-        laplacian: ``a``.
-        gradient: ``b``, shape ``(D,)`` (zero when None).
-        value: ``c``.
+        source: ``f: (N, D) -> (N,)`` (or a 0-d tensor / number for a constant source).
+        laplacian: ``a``: a number or ``a: (N, D) -> (N,)``.
+        gradient: ``b``: shape ``(D,)``, or ``b: (N, D) -> (N, D)`` (zero when None).
+        value: ``c``: a number or ``c: (N, D) -> (N,)``.
         lower: Lower corner of the box (zeros when None).
         upper: Upper corner of the box (ones when None).
         laplacian_dims: ``S`` (all coordinates when None).
@@ -359,7 +363,9 @@ def linear_pde(
 
     Raises:
         ValueError: If shapes do not match ``dim``, the box is empty or not finite, or a
-            coefficient is not finite.
+            constant coefficient is not finite; when the residual is evaluated, if the source or
+            a coefficient function returns another shape (an ``(N, 1)`` source would otherwise
+            broadcast into an ``(N, N)`` residual).
     """
     dim = _check_dim(dim, "linear_pde")
     lo = torch.zeros(dim) if lower is None else torch.as_tensor(lower, dtype=torch.float64)
@@ -372,7 +378,9 @@ def linear_pde(
             f"linear_pde: need lower < upper, both finite and of shape ({dim},); got {lower}, "
             f"{upper}."
         )
-    b = None if gradient is None else torch.as_tensor(gradient, dtype=torch.float64)
+    b_fn = gradient if callable(gradient) else None
+    b = None if gradient is None or b_fn is not None else torch.as_tensor(gradient,
+                                                                         dtype=torch.float64)
     if b is not None and b.shape != (dim,):
         raise ValueError(
             f"linear_pde: gradient coefficient must have shape ({dim},); got {tuple(b.shape)}."
@@ -386,12 +394,19 @@ def linear_pde(
             raise ValueError(
                 f"linear_pde: laplacian_dims must be integers; got {laplacian_dims!r}."
             ) from None
-    a = _check_finite(laplacian, "laplacian", "linear_pde")
-    c = _check_finite(value, "value", "linear_pde")
+    a = laplacian if callable(laplacian) else _check_finite(laplacian, "laplacian", "linear_pde")
+    c = value if callable(value) else _check_finite(value, "value", "linear_pde")
 
     def residual(X: Tensor, d: Derivatives) -> Tensor:
-        r = a * d.laplacian + c * d.value - source(X)
-        if b is not None:
+        N = X.shape[0]
+        f = _source_values(source(X), N, name)
+        a_X = _pointwise(a(X), (N,), "laplacian coefficient", name) if callable(a) else a
+        c_X = _pointwise(c(X), (N,), "value coefficient", name) if callable(c) else c
+        r = a_X * d.laplacian + c_X * d.value - f
+        if b_fn is not None:
+            B = _pointwise(b_fn(X), (N, dim), "gradient coefficient", name)
+            r = r + (B * d.gradient).sum(dim=1)
+        elif b is not None:
             r = r + d.gradient @ b.to(X)  # X's dtype and device
         return r
 
@@ -407,4 +422,47 @@ def linear_pde(
         hidden=tuple(hidden),
         num_interior=num_interior,
         num_boundary=num_boundary,
+    )
+
+
+def _source_values(values: object, N: int, name: str) -> object:
+    """The source ``f(X)``: ``(N,)`` or a constant; the error names what the residual would be."""
+    try:
+        return _pointwise(values, (N,), "source", name)
+    except ValueError as error:
+        if not isinstance(values, Tensor):
+            raise
+        try:
+            shape = f"{tuple(torch.broadcast_shapes(values.shape, (N,)))}"
+        except RuntimeError:
+            shape = "no shape (they do not broadcast)"
+        raise ValueError(
+            f"{name}: the interior residual must return shape ({N},) (one value per point); "
+            f"got {shape}: the source returned {tuple(values.shape)} (it must return ({N},) or "
+            "a constant)."
+        ) from error
+
+
+def _pointwise(values: object, shape: tuple[int, ...], what: str, name: str) -> object:
+    """A user callback's output: one value per point (``shape``), or a constant.
+
+    Numbers and tensors that broadcast to ``shape`` without adding dimensions (a 0-d tensor,
+    ``(1,)``, a ``(D,)`` row for ``(N, D)``) are accepted; anything else is refused, since e.g.
+    an ``(N, 1)`` source would broadcast against the ``(N,)`` residual into an ``(N, N)`` matrix.
+    """
+    if isinstance(values, Tensor):
+        try:
+            fits = torch.broadcast_shapes(values.shape, shape) == shape
+        except RuntimeError:
+            fits = False
+        if fits and values.ndim <= len(shape):
+            return values
+        got = tuple(values.shape)
+    elif isinstance(values, numbers.Real) and not isinstance(values, bool):
+        return values
+    else:
+        got = type(values).__name__
+    raise ValueError(
+        f"{name}: the {what} must return a tensor of shape {shape} (one value per point) or a "
+        f"constant; got {got}."
     )

@@ -30,7 +30,7 @@ from torch.func import functional_call
 
 from curvkit.pinn._mlp import Sin, forward_laplacian, mlp_derivatives, mlp_structure
 from curvkit.pinn.base import Batch, Derivatives, Problem, _check_dims, _check_fits
-from curvkit.taylor import DifferentialOperator, laplacian
+from curvkit.taylor import DifferentialOperator
 from curvkit.taylor.operators import _Plan, _unit_directions
 
 __all__ = [
@@ -65,16 +65,87 @@ def _check_untied(f: object, caller: str) -> None:
             )
 
 
+def _check_deterministic(f: object, caller: str) -> None:
+    """Refuse a model whose forward changes between calls: active dropout, spectral norm.
+
+    A ``Dropout`` in training mode with ``p > 0`` draws a fresh mask at every call, so the
+    residuals, their Jacobian and the line-search losses of one step would belong to different
+    networks: a silently wrong step. ``model.eval()`` (or ``p = 0``) makes the forward
+    deterministic.
+    """
+    if not isinstance(f, nn.Module):
+        return
+    for name, module in f.named_modules():
+        # torch.nn.utils.parametrizations.spectral_norm: a power-iteration step on its buffers
+        # at every call in training mode (tracing it failed with an obscure autograd error).
+        if type(module).__name__ == "_SpectralNorm" and module.training:
+            raise ValueError(
+                f"{caller}: the model's spectral_norm {name!r} is in training mode: it updates "
+                "its power-iteration vectors at every call, so the residuals, their Jacobian and "
+                "the line search would see different networks; call model.eval() first."
+            )
+        if _active_dropout(module):
+            raise ValueError(
+                f"{caller}: the model's {type(module).__name__} {name or '(root)'!r} is in "
+                f"training mode with p={module.p}: it draws a new random mask at every call, so "
+                "the residuals, their Jacobian and the line search would see different networks; "
+                "call model.eval() or remove the dropout."
+            )
+
+
+def _active_dropout(module: nn.Module) -> bool:
+    """Whether ``module`` is a dropout layer that draws a random mask (training mode, ``p > 0``)."""
+    return (isinstance(module, nn.modules.dropout._DropoutNd) and module.training
+            and module.p > 0)
+
+
+def _check_rowwise(model: nn.Module, X: Tensor, caller: str) -> None:
+    """Refuse a model whose output at a point depends on the other points of the batch.
+
+    Taylor mode, the block-wise Jacobian and the residuals all assume ``u(x)`` is a function of
+    the point ``x`` alone; a model that normalises by batch statistics (``x - x.mean(0)``)
+    would give derivatives of no function of ``x``, silently.
+    Compared on the two halves of ``X: (N, D)`` (forward passes of ``N`` points on the
+    general path only, whose Jacobian costs far more), to ``sqrt(eps)`` of the values' scale;
+    a fourth pass on all of ``X`` refuses a forward that changes from call to call.
+    """
+    with torch.no_grad():
+        whole = model(X).reshape(-1)
+        again = model(X).reshape(-1)
+        half = X.shape[0] // 2
+        parts = again if half == 0 else torch.cat([model(X[:half]).reshape(-1),
+                                                   model(X[half:]).reshape(-1)])
+    if whole.shape != parts.shape or not bool(torch.isfinite(whole).all()):
+        return  # the output-shape and loss checks report these
+    tol = math.sqrt(torch.finfo(whole.dtype).eps) * (1 + float(whole.abs().max()))
+    if not float((whole - again).abs().max()) <= tol:
+        raise ValueError(
+            f"{caller}: the model gives different outputs for the same points at two calls (a "
+            "random or stateful forward, e.g. noise, or buffers it updates): the residuals, "
+            "their Jacobian and the line search would see different networks."
+        )
+    gap = float((whole - parts).abs().max())
+    if not gap <= tol:
+        raise ValueError(
+            f"{caller}: the model's output at a point depends on the other points of the batch "
+            f"(evaluated on two halves of {X.shape[0]} points it differs by {gap:.3g}), e.g. a "
+            "normalisation by batch statistics; PINN derivatives need u(x) to depend on x "
+            "alone (normalise with fixed constants, e.g. the domain's bounds)."
+        )
+
+
 def _operator(f: nn.Module | Callable[[Tensor], Tensor], X: Tensor,
               dims: tuple[int, ...] | None, caller: str) -> DifferentialOperator:
     """Value, gradient and the Laplacian over ``dims`` as one ``curvkit.taylor`` operator."""
     D = X.shape[1]
-    if dims is None or len(dims) == D:
-        return laplacian(f, return_value=True, return_gradient=True)
     # Directions e_1..e_D (their first-order rows are the gradient); only the second-order
     # coefficients of e_i, i ∈ dims, enter the collapsed sum (weight 1, the others weight 0).
-    weights = X.new_zeros(D)
-    weights[list(dims)] = 1.0
+    # Built here rather than by ``laplacian(f)`` (the same plan for all dims) so that errors,
+    # e.g. an operation without a Taylor rule, name the caller instead of "laplacian".
+    weights = None
+    if dims is not None and len(dims) != D:
+        weights = X.new_zeros(D)
+        weights[list(dims)] = 1.0
 
     def planner(Z: Tensor, generator, gradient: bool) -> _Plan:
         return _Plan(_unit_directions(Z), weights, 1.0, False)
@@ -248,6 +319,10 @@ def residuals(model: nn.Module, problem: Problem, batch: Batch) -> Tensor:
         ValueError: If the batch does not match the problem's dimension.
     """
     batch = _check_batch(problem, batch, "residuals", model)
+    # The fast path's MLPs act on each point alone. With active dropout (e.g. Adam training a
+    # dropout network, which is stochastic by design) the outputs of two calls differ anyway.
+    if mlp_structure(model) is None and not any(map(_active_dropout, model.modules())):
+        _check_rowwise(model, batch.boundary, "residuals")
     d = derivatives(model, batch.interior, laplacian_dims=problem.laplacian_dims)
     return _stack(problem, batch, d, model(batch.boundary))
 

@@ -85,8 +85,8 @@ def train(
         progress: Show a tqdm progress bar.
         checkpoint: Write ``{model, optimizer, sampler, history}`` here at the end (``torch.save``).
         resume: Continue from a checkpoint written by an earlier call (same problem, method,
-            options, sizes, seed, ``resample``, dtype and model architecture, else
-            ``ValueError``);
+            options, sizes, seed, ``resample``, dtype, model structure (its ``repr``: layers and
+            activations) and trainable parameters, else ``ValueError``);
             the history continues where it stopped, as an uninterrupted run's would (a point
             recorded only because the earlier run ended off the ``eval_every`` grid is dropped
             once training goes on).
@@ -100,7 +100,7 @@ def train(
         The ``History`` (``loss``, ``l2_error``, ``time``, ``step``, ``step_size``).
 
     Raises:
-        TypeError: If ``problem`` is not a ``Problem``.
+        TypeError: If ``problem`` is not a ``Problem`` or ``model`` not an ``nn.Module``.
         ValueError: Unknown method, no or a bad stopping criterion, bad sizes, or a ``resume``
             checkpoint written by another run.
     """
@@ -126,6 +126,11 @@ def train(
                                  or num_eval < 1):
         raise ValueError(f"train: num_eval must be an int >= 1; got {num_eval!r}.")
     options = dict(options or {})
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"train: model must be an nn.Module or None; got {type(model).__name__}.")
+    if model is not None and not any(p.requires_grad for p in model.parameters()):
+        # Adam would fail at its first backward pass with autograd's "does not require grad".
+        raise ValueError("train: the model has no trainable parameters (requires_grad=True).")
     if model is None:
         model = problem.default_model(generator=torch.Generator().manual_seed(seed))
         if device is not None:
@@ -166,6 +171,9 @@ def train(
         "seed": seed,
         "resample": resample,
         "dtype": str(dtype).removeprefix("torch."),  # else resuming would cast silently
+        # The module structure (layers, activations): parameter names and shapes alone would let
+        # a checkpoint of a SiLU network resume into a tanh one with the same Linear layers.
+        "model": repr(model),
     }
 
     def next_batch():
@@ -198,8 +206,7 @@ def train(
                 f"train: cannot resume from {str(resume)!r}, written by another run; it differs "
                 f"in {', '.join(differing)}."
             )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_states(model, optimizer, state, resume)
         sampler.set_state(state["sampler"])
         if state["fixed_batch"] is not None:
             fixed_batch = Batch(*(X.to(device) for X in state["fixed_batch"]))
@@ -280,6 +287,25 @@ def train(
             checkpoint,
         )
     return history
+
+
+def _load_states(model: nn.Module, optimizer, state: dict, resume) -> None:
+    """Load the checkpoint's model and optimizer states, or neither (``ValueError``).
+
+    Torch's own errors (a ``RuntimeError`` for other parameter shapes, a ``ValueError`` for
+    another number of trainable parameters) left the model overwritten when only the optimizer
+    state failed to load.
+    """
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        model.load_state_dict(before)
+        raise ValueError(
+            f"train: cannot resume from {str(resume)!r}: the model or its trainable parameters "
+            f"differ from the checkpoint's ({error})."
+        ) from error
 
 
 def _same_device(requested: torch.device | str, actual: torch.device) -> bool:
