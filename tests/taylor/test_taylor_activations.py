@@ -102,6 +102,9 @@ REDUCTIONS = {
     "amax_amin": lambda x: x.amax(-1) * x.amin((0, 1)),
     "max_min_dim": lambda x: x.max(0).values * x.min(1, keepdim=True).values,
     "max_min_all": lambda x: x.max() - torch.sin(x).min(),
+    # products along an odd (3) and an even (4) axis, all entries (12), a dtype argument
+    "prod_dims": lambda x: x.prod(0).unsqueeze(0) * x.prod(-1, keepdim=True),
+    "prod_all": lambda x: torch.prod(x) * torch.prod(x.double(), 1, dtype=torch.float64).sum(),
     "var_std": lambda x: x.var(-1, keepdim=True) + x.std(0, correction=0, keepdim=True),
     "var_mean_std_mean": lambda x: torch.var_mean(x, 1)[0] * torch.std_mean(x, 1)[1],
     "layer_norm": lambda x: F.layer_norm(x, (4,)),
@@ -502,3 +505,24 @@ def test_in_place_on_a_view_or_input_is_refused():
     for f in (through_view, on_input):
         with pytest.raises(NotImplementedError, match="in-place ATen operator 'aten.add_"):
             laplacian(f)(torch.randn(2, 3))
+
+
+def test_boundary_factor_products_through_the_pde_operators():
+    # u = Π_i x_i (1 − x_i) · net(x), the usual hard boundary condition, with a zero factor
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1))
+
+    def u(x):
+        return (x * (1 - x)).prod(-1, keepdim=True) * net(x)
+
+    def u_reference(x):  # torch's higher derivatives of prod are NaN at a zero factor
+        q = x * (1 - x)
+        return q[:, :1] * q[:, 1:2] * q[:, 2:] * net(x)
+
+    X = torch.rand(4, 3, generator=torch.Generator().manual_seed(5))
+    X[0, 1] = 0.0
+    H = hessians(u_reference, X)
+    expected = biharmonic_reference(u_reference, X)
+    for collapsed in (True, False):
+        torch.testing.assert_close(laplacian(u, collapsed=collapsed)(X),
+                                   H.diagonal(dim1=-2, dim2=-1).sum(-1))
+        torch.testing.assert_close(biharmonic(u, collapsed=collapsed)(X), expected)

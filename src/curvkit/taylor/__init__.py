@@ -13,7 +13,8 @@ piecewise-linear ``relu``, ``leaky_relu``, ``abs``, ``hardtanh``, ``clamp`` (zer
 derivatives away from kinks), ``softmax``/``log_softmax`` along any dim, ``layer_norm``
 (``nn.LayerNorm``, with or without affine, over any number of last dims), ``nn.RMSNorm``,
 ``scaled_dot_product_attention`` (CPU kernel and math path: ``nn.MultiheadAttention``,
-``nn.TransformerEncoderLayer``; no dropout), ``sum``, ``mean``, ``logsumexp``, ``var``/``std`` (and
+``nn.TransformerEncoderLayer``; no dropout), ``sum``, ``mean``, ``prod``, ``logsumexp``,
+``var``/``std`` (and
 ``var_mean``/``std_mean``), ``amax``/``amin``/``max``/``min`` (the jet of the selected entry; ties
 as torch's autograd), ``view``/``reshape``/``unsqueeze``/``squeeze``/``t``/``transpose``/
 ``permute``/``expand``/``flip``, ``cat``/``stack``/``split``/``unbind``, slicing and indexing,
