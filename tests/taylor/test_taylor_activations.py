@@ -526,3 +526,27 @@ def test_boundary_factor_products_through_the_pde_operators():
         torch.testing.assert_close(laplacian(u, collapsed=collapsed)(X),
                                    H.diagonal(dim1=-2, dim2=-1).sum(-1))
         torch.testing.assert_close(biharmonic(u, collapsed=collapsed)(X), expected)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_in_eval_mode_is_its_affine_map(affine):
+    bn = nn.BatchNorm1d(4, affine=affine)
+    net = nn.Sequential(nn.Linear(2, 4), bn, nn.Tanh(), nn.Linear(4, 1)).eval()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():  # running statistics and affine parameters away from 0 and 1
+        bn.running_mean.copy_(torch.rand(4, generator=g))
+        bn.running_var.copy_(0.5 + torch.rand(4, generator=g))
+        if affine:
+            bn.weight.copy_(torch.randn(4, generator=g))
+            bn.bias.copy_(torch.randn(4, generator=g))
+    X = torch.rand(3, 2, generator=g)
+    for collapsed in (True, False):
+        torch.testing.assert_close(laplacian(net, collapsed=collapsed)(X),
+                                   laplacian_reference(net, X))
+    torch.testing.assert_close(biharmonic(net)(X), biharmonic_reference(net, X))
+
+
+def test_batch_norm_with_batch_statistics_is_refused():
+    net = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).train()
+    with pytest.raises(NotImplementedError, match="BatchNorm with batch statistics"):
+        laplacian(net)(torch.rand(3, 2))

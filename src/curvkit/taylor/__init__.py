@@ -10,8 +10,8 @@ Supported operators (anything else raises ``NotImplementedError`` naming the ATe
 ``gelu`` (exact and ``approximate="tanh"``), ``silu``, ``mish``, ``elu``/``selu``/``celu`` (smooth
 branches; at the kink the left slope and zero higher derivatives, as torch's autograd), the
 piecewise-linear ``relu``, ``leaky_relu``, ``abs``, ``hardtanh``, ``clamp`` (zero higher
-derivatives away from kinks), ``softmax``/``log_softmax`` along any dim, ``layer_norm``
-(``nn.LayerNorm``, with or without affine, over any number of last dims), ``nn.RMSNorm``,
+derivatives away from kinks), ``softmax``/``log_softmax`` along any dim, ``batch_norm`` in eval
+mode, ``layer_norm`` (``nn.LayerNorm``, with or without affine, over any number of last dims), ``nn.RMSNorm``,
 ``scaled_dot_product_attention`` (CPU kernel and math path: ``nn.MultiheadAttention``,
 ``nn.TransformerEncoderLayer``; no dropout), ``sum``, ``mean``, ``prod``, ``logsumexp``,
 ``var``/``std`` (and

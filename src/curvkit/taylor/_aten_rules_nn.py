@@ -9,7 +9,8 @@ overloads are the ones ``make_fx`` records for the ``torch.nn`` modules and func
   ``(out, buffer)``): elementwise, by Faà di Bruno with the series of ``_series``.
 * ``softmax``/``log_softmax`` (``torch.``, ``F.``, ``nn.``) -> ``aten._softmax`` /
   ``aten._log_softmax`` (a ``dtype=`` argument becomes a preceding ``_to_copy``).
-* ``LayerNorm``/``F.layer_norm`` -> ``aten.native_layer_norm`` returning ``(out, mean, rstd)``.
+* ``LayerNorm``/``F.layer_norm`` -> ``aten.native_layer_norm`` returning ``(out, mean, rstd)``;
+  ``BatchNorm`` in eval mode -> ``aten.native_batch_norm`` (its running statistics' affine map).
 * ``F.scaled_dot_product_attention`` (and ``nn.MultiheadAttention``/``TransformerEncoderLayer``,
   which call it) -> on the CPU ``aten._scaled_dot_product_flash_attention_for_cpu``, or where
   that kernel does not apply (e.g. a value head size unlike the query's) torch's math path, which
@@ -301,6 +302,32 @@ def _attention_cpu(ctx, query, key, value, dropout_p=0.0, is_causal=False, *, at
 
 def _rsqrt(ctx: Context, x: Jet) -> Jet:
     return elementwise(ctx, x, partial(_series.pow_derivatives, exponent=-0.5))
+
+
+@_register(aten.native_batch_norm.default)
+def _batch_norm(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """Eval-mode BatchNorm: the per-channel affine map of the running statistics.
+
+    Returns ``(out, save_mean, save_invstd)`` as ATen does in eval mode (the last two empty).
+    Training mode normalises by the statistics of the batch, so each point's output depends on
+    the others: no derivative of ``u(x)`` exists there.
+    """
+    if training or running_mean is None or running_var is None:
+        raise NotImplementedError(
+            "curvkit.taylor: BatchNorm with batch statistics (training mode, or no running "
+            "statistics) couples the points of a batch, so u(x) has no derivatives of its own; "
+            "call model.eval() (with track_running_stats=True).")
+    x = _promote(ctx, x)
+    shape = (-1,) + (1,) * (_rank(x) - 2)  # channels on dim 1
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    out = _add_rule(ctx, _mul(ctx, x, scale.reshape(shape)), shift.reshape(shape))
+    empty = x.data.new_empty(0)
+    return out, empty, empty
 
 
 @_register(aten.native_layer_norm.default)
