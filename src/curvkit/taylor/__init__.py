@@ -11,12 +11,12 @@ Supported operators (anything else raises ``NotImplementedError`` naming the ATe
 branches; at the kink the left slope and zero higher derivatives, as torch's autograd), the
 piecewise-linear ``relu``, ``leaky_relu``, ``abs``, ``hardtanh``, ``clamp`` (zero higher
 derivatives away from kinks), ``softmax``/``log_softmax`` along any dim, ``batch_norm`` in eval
-mode, ``layer_norm`` (``nn.LayerNorm``, with or without affine, over any number of last dims), ``nn.RMSNorm``,
-``scaled_dot_product_attention`` (CPU kernel and math path: ``nn.MultiheadAttention``,
-``nn.TransformerEncoderLayer``; no dropout), ``sum``, ``mean``, ``prod``, ``logsumexp``,
-``var``/``std`` (and
-``var_mean``/``std_mean``), ``amax``/``amin``/``max``/``min`` (the jet of the selected entry; ties
-as torch's autograd), ``view``/``reshape``/``unsqueeze``/``squeeze``/``t``/``transpose``/
+mode, ``layer_norm`` (``nn.LayerNorm``, with or without affine, over any number of last dims),
+``nn.RMSNorm``, ``scaled_dot_product_attention`` (CPU kernel and math path:
+``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``; no dropout), ``sum``, ``mean``,
+``prod``, ``logsumexp``, ``var``/``std`` (and ``var_mean``/``std_mean``),
+``amax``/``amin``/``max``/``min`` (the jet of the selected entry; ties as torch's autograd),
+``view``/``reshape``/``unsqueeze``/``squeeze``/``t``/``transpose``/
 ``permute``/``expand``/``flip``, ``cat``/``stack``/``split``/``unbind``, slicing and indexing,
 ``where`` with a constant condition, and piecewise-constant functions of the value (comparisons,
 ``sign``, ``floor``, ``*_like``). In-place operators are accepted only on a fresh tensor that
