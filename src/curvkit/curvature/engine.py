@@ -15,8 +15,12 @@ handles everything that is the same for all curvature matrices:
 - ``progress=True`` (a tqdm bar per pass), ``check_deterministic=True`` (Dropout, train-mode
   BatchNorm and shuffling loaders raise at construction), ``num_data`` (skips the counting pass
   for callers that need ``T`` before a pass);
-- the math SDPA kernel during every pass, so attention can be differentiated twice, and a clear
-  error when a module cannot be;
+- during every pass (``context()``): the math SDPA kernel and no fused attention fast path, so
+  attention can be differentiated twice; autocast off; training-mode BatchNorm without updates of
+  its running statistics; dense gradients for ``sparse=True`` embeddings; weight norm in plain
+  operations; and a clear error when a module cannot be differentiated as needed;
+- models wrapped by ``torch.compile`` or ``(Distributed)DataParallel``: the wrapped module is
+  called (under the wrapper's parameter names);
 - distributed reduction: with ``torch.distributed`` initialised, each rank's ``data`` is its
   shard, and sums and counts are all-reduced in one collective (the count apart, in float64,
   when the sums are of lower precision).
@@ -53,12 +57,15 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.utils.parametrizations import _WeightNorm
 from torch.utils._pytree import tree_leaves
 
 from curvkit import distributed
+from curvkit.curvature._passes import restore_pass_state, set_pass_state, unwrap
 from curvkit.curvature.losses import OutputLoss
 
 __all__ = ["Batch", "DataEngine", "resolve_params", "group_params"]
+
 
 # Substrings of PyTorch's messages when an op lacks a second-order or batching rule.
 _NOT_TWICE_DIFFERENTIABLE = (
@@ -235,6 +242,23 @@ class DataEngine:
         self.allow_weights = allow_weights
         names = set(params)
         self._fixed = {n: p.detach() for n, p in model.named_parameters() if n not in names}
+        # torch.compile's OptimizedModule and (Distributed)DataParallel refuse functional_call
+        # (or fail deep inside dynamo): call the module they wrap, under the same names less
+        # the wrapper's prefix ("_orig_mod.", "module.").
+        self._module, self._prefix = unwrap(model)
+        if self._prefix:
+            self._fixed = self._strip(self._fixed)
+        # Modules whose state the passes set for their duration (see context()).
+        self._stateful = [m for m in model.modules()
+                          if isinstance(m, (_BatchNorm, nn.Embedding, nn.EmbeddingBag, _WeightNorm))]
+        uses: dict[int, int] = {}
+        for _, t in model.named_parameters(remove_duplicate=False):
+            uses[id(t)] = uses.get(id(t), 0) + 1
+        # Padded embeddings whose weight another module also uses (tied input/output
+        # embeddings): their padding row is fixed for the embedding only (see padding_rows).
+        self._tied_padding = {id(m) for m in self._stateful
+                              if type(m) is nn.Embedding and m.padding_idx is not None
+                              and uses.get(id(m.weight), 0) > 1}
         self._num_terms: float | None = None  # global T once known
         # The one device of the selected parameters (None for a model spread over devices):
         # batches and the loss's tensors must live there, checked before PyTorch fails deep
@@ -253,9 +277,10 @@ class DataEngine:
     # ------------------------------------------------------------------ model
     def forward(self, X, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """Model output at ``params`` (default: ``self.params``), other parameters fixed."""
+        p = self.params if params is None else params
         try:
-            out = functional_call(self.model, (dict(self.params if params is None else params),
-                                               self._fixed), (X,))
+            out = functional_call(self._module, (self._strip(p) if self._prefix else dict(p),
+                                                 self._fixed), (X,))
         except RuntimeError as err:
             # PyTorch's message ("mat1 and mat2 must have the same dtype") names neither the
             # operator nor which side is off: say it when the inputs disagree with the parameters.
@@ -273,6 +298,33 @@ class DataEngine:
                              f"loss's input); it returned a {type(out).__name__}. Wrap it in an "
                              "nn.Module that returns that tensor (e.g. model(x)[0]).")
         return out
+
+    def _strip(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        k = len(self._prefix)
+        return {n[k:] if n.startswith(self._prefix) else n: t for n, t in params.items()}
+
+    def padding_rows(self) -> dict[str, Tensor]:
+        """Selected embedding weights with a ``padding_idx``: name → ``(1,)`` index of that row.
+
+        PyTorch's backward gives the padding row no gradient (it is held fixed in training),
+        while forward-mode AD propagates its tangent; operators built on forward mode (GGN,
+        Fisher, Jacobian) zero that row of their tangents so that ``J`` and ``Jᵀ`` agree. A
+        weight tied to another module is left out: there the row is fixed for the embedding
+        alone, by ``context()`` (a detached copy of the row in the embedding's forward).
+        """
+        rows = {}
+        by_id = {id(t): n for n, t in self.params.items()}
+        for m in self.model.modules():
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.padding_idx is not None \
+                    and id(m.weight) in by_id and id(m) not in self._tied_padding:
+                rows[by_id[id(m.weight)]] = torch.tensor([m.padding_idx % m.num_embeddings],
+                                                         device=m.weight.device)
+        return rows
+
+    def batch_statistics_modules(self) -> list[str]:
+        """Names of BatchNorm modules normalising with batch statistics (coupling examples)."""
+        return [n for n, m in self.model.named_modules()
+                if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)]
 
     @property
     def scale(self) -> float | None:
@@ -386,9 +438,28 @@ class DataEngine:
     # ------------------------------------------------------------------ passes
     @contextlib.contextmanager
     def context(self):
-        """Math SDPA kernel (twice differentiable) and a clear error if the model is not."""
-        with sdpa_kernel(SDPBackend.MATH):
+        """Differentiable kernels at the parameters' dtype, and a clear error if the model is not.
+
+        For the duration of a pass: the math SDPA kernel and no fast path of
+        ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` in eval mode (the fused kernels
+        have no forward-mode or double-backward formulas); autocast off (an exact operator
+        computes at its parameters' dtype, not bfloat16); dense gradients of ``sparse=True``
+        embeddings; training-mode BatchNorm normalising with the batch statistics without
+        updating its running statistics (a product must not change the model); weight-norm
+        parametrizations as plain tensor operations (the fused ``_weight_norm_interface`` has no
+        forward-mode derivative, and its batched double backward is wrong in torch 2.14).
+        """
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        devices = {d for d in {"cpu"} | {t.device.type for t in self.params.values()}
+                   if torch.amp.is_autocast_available(d)}  # (not on "meta")
+        saved = []
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            for device_type in sorted(devices):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            torch.backends.mha.set_fastpath_enabled(False)
             try:
+                set_pass_state(self._stateful, self._tied_padding, saved)
                 yield
             except (RuntimeError, NotImplementedError) as err:
                 if any(key in str(err) for key in _NOT_TWICE_DIFFERENTIABLE):
@@ -399,6 +470,9 @@ class DataEngine:
                         f"PyTorch said: {err}"
                     ) from err
                 raise
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
+                restore_pass_state(saved)
 
     def reduce_over_data(self, fn: Callable[[Batch], list[Tensor]], *,
                          desc: str | None = None, math_sdpa: bool = True,
@@ -478,7 +552,8 @@ class DataEngine:
                     f"{self.caller}: module {name!r} ({type(module).__name__}) is in training "
                     "mode: it normalises with batch statistics and updates its running "
                     "statistics at every pass; call model.eval() (or pass "
-                    "check_deterministic=False)."
+                    "check_deterministic=False: each batch is then normalised by its own "
+                    "statistics, and the running statistics are left as they are)."
                 )
             if isinstance(module, _BatchNorm) and module.running_mean is None:
                 raise ValueError(

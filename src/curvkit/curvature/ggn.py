@@ -40,6 +40,7 @@ class OutputSpaceCurvature(CurvatureOperator):
     """
 
     is_psd = True
+    _forward_mode = True
     _column_budget = COLUMN_BUDGET_BYTES
     _saved_per_example: float | None = None
 
@@ -126,6 +127,14 @@ class OutputSpaceCurvature(CurvatureOperator):
         example (``T`` terms, ``K`` factor columns: ``C`` for cross-entropy), so it is meant for
         small outputs.
         """
+        coupled = self.engine.batch_statistics_modules()
+        if coupled:
+            raise ValueError(
+                f"{type(self).__name__}.diagonal: BatchNorm module(s) {coupled} normalise with batch "
+                "statistics, so the examples of a batch are coupled and the per-example passes "
+                "of the exact diagonal do not apply; call model.eval() or estimate the diagonal "
+                "from products (curvkit.linalg.diagonal)."
+            )
         params = self._detached()
         loss = self.loss
 

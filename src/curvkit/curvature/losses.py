@@ -381,7 +381,7 @@ def output_loss(module: nn.Module, *, caller: str, analytic: bool) -> OutputLoss
     if analytic:
         raise ValueError(
             f"{caller}: supports {', '.join(SUPPORTED_LOSSES)}; got {type(module).__name__} "
-            "(the Hessian operator accepts any twice-differentiable loss)."
+            f"(the Hessian operator accepts any twice-differentiable loss).{_HINTS.get(type(module), '')}"
         )
     arity = _required_arguments(module)
     if arity is not None and arity > 2:  # GaussianNLLLoss(input, target, var), CTCLoss, ...
@@ -392,6 +392,17 @@ def output_loss(module: nn.Module, *, caller: str, analytic: bool) -> OutputLoss
     if type(module) is nn.NLLLoss:
         return _NLL(module, caller)
     return OutputLoss(module, caller)
+
+
+# Supported losses that give the same curvature as an unsupported one on a model's typical output.
+_HINTS = {
+    nn.NLLLoss: " For log-probabilities from a LogSoftmax, drop it and pass the logits with "
+                "nn.CrossEntropyLoss (the same loss).",
+    nn.KLDivLoss: " For log-probabilities from a LogSoftmax against target probabilities, drop it "
+                  "and pass the logits with nn.CrossEntropyLoss and probability targets (the "
+                  "same curvature up to the reduction's normalisation: the two losses differ by "
+                  "the targets' entropy).",
+}
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
