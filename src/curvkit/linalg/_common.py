@@ -35,6 +35,12 @@ def require_square(A: LinearOperator, caller: str) -> int:
 def require_symmetric(A: LinearOperator, caller: str) -> int:
     """Return ``n`` for a square operator declared symmetric; raise otherwise."""
     n = require_square(A, caller)
+    if A.dtype.is_complex:
+        # the symmetric solvers and eigensolvers use real inner products (no conjugation)
+        raise TypeError(
+            f"{caller}: needs a real floating-point operator; got {A.dtype} (split a complex "
+            "system into its real and imaginary parts)."
+        )
     if not A.is_symmetric:
         raise ValueError(
             f"{caller}: needs an operator declared symmetric (is_symmetric=True); got "

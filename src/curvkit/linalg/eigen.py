@@ -154,7 +154,24 @@ class SymmetricEigen(LinearOperator):
         return spectrum.log().sum()
 
     def eigh(self):
-        return self.eigenvalues, self.Q
+        """``(λ, Q)`` such that ``Q diag(λ) Qᵀ`` is this operator.
+
+        With a zero complement that is the stored (thin) pair; otherwise ``Q`` is completed to
+        an orthonormal basis of ``R^n`` whose added columns carry the complement eigenvalue
+        (the thin pair alone would drop ``c (I − Q Qᵀ)``).
+        """
+        extra = self.shape[0] - self.rank
+        if self.complement == 0.0 or extra == 0:
+            return self.eigenvalues, self.Q
+        if not isinstance(self.Q, Tensor):
+            raise NotImplementedError(
+                "SymmetricEigen.eigh: cannot complete an operator basis Q of rank "
+                f"{self.rank} < n = {self.shape[0]} with the complement {self.complement}; "
+                "build it with a tensor Q."
+            )
+        # the last n - r columns of a complete QR of Q span range(Q)'s orthogonal complement
+        Q_full, _ = torch.linalg.qr(self.Q, mode="complete")
+        return self._full_spectrum(), torch.cat([self.Q, Q_full[:, self.rank :]], 1)
 
     def pow(self, p):
         c = (  # a float64 scalar: torch.tensor(float) would round the complement to float32

@@ -75,6 +75,12 @@ def lsmr(
     """
     caller = "lsmr"
     require_operator(A, caller)
+    if A.dtype.is_complex:
+        # the bidiagonalisation here uses real inner products and Givens rotations
+        raise TypeError(
+            f"lsmr: needs a real floating-point operator; got {A.dtype} (split a complex "
+            "system into its real and imaginary parts)."
+        )
     damping = _check_damping(damping, caller)
     _check_tolerances(atol, btol, caller)
     m, n = A.shape

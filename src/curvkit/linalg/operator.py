@@ -8,6 +8,7 @@ adjoints, dense and SciPy conversion — is derived here, once.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,9 @@ class LinearOperator:
 
     is_symmetric: bool = False
     is_psd: bool = False
+    # NumPy defers to our reflected operators instead of treating the operator as a 0-d object
+    # array ("matmul: Input operand 1 does not have enough dimensions" for ``x @ A``)
+    __array_ufunc__ = None
 
     def __init__(
         self,
@@ -118,18 +122,20 @@ class LinearOperator:
         return _Sum([self, _Scaled(other, -1.0)])
 
     def __mul__(self, c):
-        if isinstance(c, Tensor) and c.numel() == 1:
-            c = c.item()
-        if not isinstance(c, (int, float)):
+        c = _as_scalar(c)
+        if c is None:
             return NotImplemented
-        return _Scaled(self, float(c))
+        return _Scaled(self, _finite_scale(c, self, "*"))
 
     __rmul__ = __mul__
 
     def __truediv__(self, c):
-        if not isinstance(c, (int, float)):
+        c = _as_scalar(c)
+        if c is None:
             return NotImplemented
-        return _Scaled(self, 1.0 / float(c))
+        if c == 0:
+            raise ZeroDivisionError(f"{type(self).__name__} / 0: division of an operator by zero.")
+        return _Scaled(self, _finite_scale(1.0 / c, self, "/"))
 
     def __neg__(self):
         return _Scaled(self, -1.0)
@@ -143,18 +149,41 @@ class LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` with the same products and dtype.
 
         NumPy inputs are converted to this operator's dtype and device and the results back to
-        NumPy, so SciPy's solvers and ``eigsh`` run on top of it.
+        NumPy, so SciPy's solvers and ``eigsh`` run on top of it. A complex input (SciPy's
+        ``gmres`` or ``eigs`` may pass one) is applied to its real and imaginary parts, the
+        operator's real-linear extension. ``bfloat16`` operators present ``float32`` to NumPy,
+        which has no ``bfloat16``.
         """
         import numpy as np
         import scipy.sparse.linalg
 
-        np_dtype = np.dtype(str(self.dtype).removeprefix("torch."))
+        if not (self.dtype.is_floating_point or self.dtype.is_complex):
+            raise TypeError(
+                f"{type(self).__name__}.to_scipy: needs a floating-point operator; "
+                f"got {self.dtype}."
+            )
+        # NumPy has no bfloat16; float32 holds every bfloat16 value exactly
+        np_dtype = np.dtype(
+            "float32" if self.dtype == torch.bfloat16 else str(self.dtype).removeprefix("torch.")
+        )
 
         def wrap(fn: Callable[[Tensor], Tensor]):
+            def to_numpy(part):
+                # torch warns on a read-only NumPy buffer (it cannot honour the flag): copy it
+                part = part if part.flags.writeable else np.array(part)
+                t = torch.as_tensor(part, dtype=self.dtype, device=self.device)
+                return fn(t).detach().cpu().to(
+                    torch.float32 if self.dtype == torch.bfloat16 else self.dtype
+                ).numpy()
+
             def apply(x):
                 x = np.asarray(x)
-                t = torch.as_tensor(x.reshape(x.shape[0], -1), dtype=self.dtype, device=self.device)
-                out = fn(t).detach().cpu().numpy().astype(np_dtype, copy=False)
+                X = x.reshape(x.shape[0], -1)
+                if np.iscomplexobj(X) and not self.dtype.is_complex:
+                    # a real operator maps x + iy to Ax + iAy; casting would drop iy silently
+                    out = to_numpy(X.real) + 1j * to_numpy(X.imag)
+                else:
+                    out = to_numpy(X).astype(np_dtype, copy=False)
                 return out.reshape(-1) if x.ndim == 1 else out
 
             return apply
@@ -295,8 +324,28 @@ def _as_block(x: Operand, op: LinearOperator, *, transpose: bool):
         return X, unflatten
 
     raise TypeError(
-        f"{name}: expected a tensor, a list of tensors or a LinearOperator; got {type(x).__name__}."
+        f"{name}: expected a tensor, a list of tensors or a LinearOperator; got "
+        f"{type(x).__name__} (convert NumPy input with torch.as_tensor(x, dtype={op.dtype}), or "
+        "work in NumPy/SciPy through A.to_scipy())."
     )
+
+
+def _as_scalar(c) -> float | None:
+    """A real scalar (Python or NumPy number, one-element real tensor) as a float, else None."""
+    if isinstance(c, Tensor):
+        return c.item() if c.numel() == 1 and not c.is_complex() else None
+    if isinstance(c, numbers.Real):
+        return float(c)
+    return None
+
+
+def _finite_scale(c: float, op: LinearOperator, symbol: str) -> float:
+    # a NaN or inf factor would turn every product into NaN, far from where it was introduced
+    if not math.isfinite(c):
+        raise ValueError(
+            f"{type(op).__name__} {symbol} c: the scale factor must be finite; got {c}."
+        )
+    return c
 
 
 def _canonical_device(device: torch.device | str) -> torch.device:
@@ -339,6 +388,18 @@ def _common(ops: Sequence[LinearOperator], what: str) -> tuple[torch.dtype, torc
     return dtypes.pop(), devices.pop()
 
 
+def _agreed_shapes(ops: Sequence[LinearOperator], attr: str) -> list[torch.Size] | None:
+    """The parameter shapes ``attr`` the operands declare, refusing two different ones."""
+    declared = {tuple(getattr(o, attr)) for o in ops if getattr(o, attr) is not None}
+    if len(declared) > 1:
+        raise ValueError(
+            f"Sum: operands declare different {attr}: "
+            f"{[[tuple(s) for s in d] for d in declared]}; a list operand would be split "
+            "differently for each."
+        )
+    return list(declared.pop()) if declared else None
+
+
 # --------------------------------------------------------------------------- lazy compositions
 class _Sum(LinearOperator):
     """``A_1 + ... + A_r`` (lazy)."""
@@ -351,9 +412,10 @@ class _Sum(LinearOperator):
                 f"Sum: operands must have equal shapes; got {[o.shape for o in flat]}."
             )
         dtype, device = _common(flat, "Sum")
-        # parameter shapes from whichever operand has them (``I + A`` as well as ``A + I``)
-        in_shapes = next((o.in_shapes for o in flat if o.in_shapes is not None), None)
-        out_shapes = next((o.out_shapes for o in flat if o.out_shapes is not None), None)
+        # parameter shapes from whichever operand has them (``I + A`` as well as ``A + I``);
+        # operands that disagree would split a list operand differently
+        in_shapes = _agreed_shapes(flat, "in_shapes")
+        out_shapes = _agreed_shapes(flat, "out_shapes")
         super().__init__(
             flat[0].shape,
             dtype=dtype,
@@ -414,13 +476,13 @@ class _Scaled(LinearOperator):
         return self.c * self.op.diagonal()
 
     def logdet(self):
-        return (
-            self.shape[0] * math.log(self.c) + self.op.logdet() if self.c > 0 else super().logdet()
-        )
+        # det(cA) = c^n det(A): for c < 0 and even n that is |c|^n det(A)
+        if self.c > 0 or (self.c < 0 and self.shape[0] % 2 == 0):
+            return self.shape[0] * math.log(abs(self.c)) + self.op.logdet()
+        return super().logdet()
 
     def eigh(self):
-        if self.c < 0:
-            return super().eigh()
+        """``(c λ, Q)`` from ``A``'s eigenpairs, in ``A``'s order (reversed when ``c < 0``)."""
         evals, evecs = self.op.eigh()
         return self.c * evals, evecs
 

@@ -12,6 +12,7 @@ the default) or warns with ``ConvergenceWarning`` (``on_failure="warn"``).
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -206,7 +207,18 @@ def cg(
             raise ValueError(
                 f"cg: preconditioner must have shape {(n, n)}; got {preconditioner.shape}."
             )
+        # CG's recurrences assume a symmetric M (a non-symmetric one stalls without an error),
+        # and M's products must stay in A's dtype and device
+        require_symmetric(preconditioner, caller + " (preconditioner)")
+        if (preconditioner.dtype, preconditioner.device) != (A.dtype, A.device):
+            raise TypeError(
+                f"cg: preconditioner must have A's dtype and device ({A.dtype}, {A.device}); "
+                f"got ({preconditioner.dtype}, {preconditioner.device})."
+            )
     Bm, X, unflatten, is_vector = _initial(A, b, x0, caller)
+    # b = 0 has the exact solution x = 0 (A + λI is definite); started from an x0, its relative
+    # tolerance 0 could never be met (scipy's cg returns 0 too)
+    X = torch.where(Bm.norm(dim=0) == 0, 0.0, X)
 
     def op(P, active):
         out = _apply_active(A, P, active)
@@ -523,6 +535,9 @@ class SolveOperator(LinearOperator):
         self.solver = lookup(_SOLVERS, method, "solver method", caller)
         if "return_info" in solver_options or "x0" in solver_options:
             raise TypeError(f"{caller}: return_info and x0 are not options of an inverse operator.")
+        unknown = sorted(set(solver_options) - set(inspect.signature(self.solver).parameters))
+        if unknown:  # (else the TypeError would come from the first product, far from here)
+            raise TypeError(f"{caller}: {unknown} are not options of {method}.")
         self.A, self.damping, self.method = A, _check_damping(damping, caller), method
         self.solver_options = solver_options
         super().__init__(

@@ -306,6 +306,12 @@ class Kronecker(LinearOperator):
         n = math.prod(f.shape[1] for f in factors)
         super().__init__((m, n), dtype=factors[0].dtype, device=factors[0].device)
         self.factors = list(factors)
+        if (symmetric or psd) and any(f.shape[0] != f.shape[1] for f in factors):
+            # (⊗ A_i)ᵀ = ⊗ A_iᵀ swaps a non-square factor's shape: A.T = A would be wrong
+            raise ValueError(
+                "Kronecker: symmetric=True or psd=True needs square factors; got "
+                f"{[tuple(f.shape) for f in factors]}."
+            )
         if symmetric is None:
             symmetric = psd or all(
                 f.shape[0] == f.shape[1] and torch.equal(f, f.T) for f in factors
@@ -317,6 +323,8 @@ class Kronecker(LinearOperator):
         # Contract each mode in turn: (n_1, ..., n_r, k) -> (m_1, ..., m_r, k). Each step is one
         # matmul over the leading mode, then a cyclic shift of the modes.
         k = X.shape[1]
+        if k == 0:  # (the mode-wise reshapes below cannot infer a size from 0 entries)
+            return X.new_zeros(math.prod(M.shape[0] for M in mats), 0)
         T = X.reshape(*[M.shape[1] for M in mats], k)
         for M in mats:
             rest = T.shape[1:]
@@ -414,6 +422,12 @@ class Kronecker(LinearOperator):
                 for f in self.factors
             ]
             return Kronecker(*invs, symmetric=self.is_symmetric, psd=self.is_psd)
+        if not self.is_symmetric:
+            raise ValueError(
+                "Kronecker.inverse: damping > 0 needs symmetric factors (the damped inverse goes "
+                "through eigh); declare symmetric=True if they are, or invert "
+                "Kronecker(A + a I, B + b I) with damping=0 for per-factor damping."
+            )
         evals, Q = self.eigh()
         shifted = evals + damping
         if (shifted == 0).any():
