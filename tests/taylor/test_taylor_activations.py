@@ -550,3 +550,35 @@ def test_batch_norm_with_batch_statistics_is_refused():
     net = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).train()
     with pytest.raises(NotImplementedError, match="BatchNorm with batch statistics"):
         laplacian(net)(torch.rand(3, 2))
+
+
+class _GroupNormNet(nn.Module):
+    """Linear → GroupNorm over (channels, positions) or over channels alone → tanh → Linear."""
+
+    def __init__(self, affine: bool, positions: int):
+        super().__init__()
+        self.positions = positions
+        self.lin1 = nn.Linear(2, 6 * positions)
+        self.norm = nn.GroupNorm(3, 6, affine=affine)
+        self.lin2 = nn.Linear(6 * positions, 1)
+        if affine:
+            g = torch.Generator().manual_seed(7)
+            with torch.no_grad():
+                self.norm.weight.copy_(torch.randn(6, generator=g))
+                self.norm.bias.copy_(torch.randn(6, generator=g))
+
+    def forward(self, x):
+        shape = (x.shape[0], 6, self.positions) if self.positions > 1 else (x.shape[0], 6)
+        h = self.norm(self.lin1(x).reshape(shape))
+        return self.lin2(torch.tanh(h).reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("positions", [1, 2])
+def test_group_norm(affine, positions):
+    net = _GroupNormNet(affine, positions)
+    X = torch.rand(3, 2, generator=torch.Generator().manual_seed(8))
+    for collapsed in (True, False):
+        torch.testing.assert_close(laplacian(net, collapsed=collapsed)(X),
+                                   laplacian_reference(net, X))
+    torch.testing.assert_close(biharmonic(net)(X), biharmonic_reference(net, X))

@@ -12,7 +12,7 @@ branches; at the kink the left slope and zero higher derivatives, as torch's aut
 piecewise-linear ``relu``, ``leaky_relu``, ``abs``, ``hardtanh``, ``clamp`` (zero higher
 derivatives away from kinks), ``softmax``/``log_softmax`` along any dim, ``batch_norm`` in eval
 mode, ``layer_norm`` (``nn.LayerNorm``, with or without affine, over any number of last dims),
-``nn.RMSNorm``, ``scaled_dot_product_attention`` (CPU kernel and math path:
+``nn.RMSNorm``, ``group_norm``, ``scaled_dot_product_attention`` (CPU kernel and math path:
 ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``; no dropout), ``sum``, ``mean``,
 ``prod``, ``logsumexp``, ``var``/``std`` (and ``var_mean``/``std_mean``),
 ``amax``/``amin``/``max``/``min`` (the jet of the selected entry; ties as torch's autograd),

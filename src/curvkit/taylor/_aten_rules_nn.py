@@ -10,7 +10,8 @@ overloads are the ones ``make_fx`` records for the ``torch.nn`` modules and func
 * ``softmax``/``log_softmax`` (``torch.``, ``F.``, ``nn.``) -> ``aten._softmax`` /
   ``aten._log_softmax`` (a ``dtype=`` argument becomes a preceding ``_to_copy``).
 * ``LayerNorm``/``F.layer_norm`` -> ``aten.native_layer_norm`` returning ``(out, mean, rstd)``;
-  ``BatchNorm`` in eval mode -> ``aten.native_batch_norm`` (its running statistics' affine map).
+  ``BatchNorm`` in eval mode -> ``aten.native_batch_norm`` (its running statistics' affine map);
+  ``GroupNorm`` -> ``aten.native_group_norm``.
 * ``F.scaled_dot_product_attention`` (and ``nn.MultiheadAttention``/``TransformerEncoderLayer``,
   which call it) -> on the CPU ``aten._scaled_dot_product_flash_attention_for_cpu``, or where
   that kernel does not apply (e.g. a value head size unlike the query's) torch's math path, which
@@ -350,6 +351,30 @@ def _layer_norm(ctx, x, normalized_shape, weight, bias, eps):
     if bias is not None:
         out = _add(ctx, out, bias)
     return _cast(out, dtype), _cast(mean, dtype), _cast(rstd, dtype)
+
+
+@_register(aten.native_group_norm.default)
+def _group_norm(ctx, x, weight, bias, N, C, HxW, group, eps):
+    """GroupNorm: each example's channels in ``group`` groups normalised over (channels, space).
+
+    ``x: (N, C, *)`` viewed as ``(N, group, C/group · HxW)``, normalised over the last axis as
+    LayerNorm does, viewed back, then the per-channel affine map. Returns ``(out, mean, rstd)``
+    with ``mean``/``rstd`` of shape ``(N, group)`` like ATen.
+    """
+    x, dtype = _upcast(_promote(ctx, x))
+    shape = x.data.shape
+    grouped = Jet(x.data.reshape(shape[0], N, group, -1))
+    mean = _mean(ctx, grouped, [2], True)
+    centred = _sub(ctx, grouped, mean)
+    rstd = _rsqrt(ctx, _add(ctx, _mean(ctx, _mul(ctx, centred, centred), [2], True), eps))
+    out = Jet(_mul(ctx, centred, rstd).data.reshape(shape))
+    channels = (-1,) + (1,) * (len(shape) - 3)  # weight and bias act on dim 1 of x
+    if weight is not None:
+        out = _mul(ctx, out, weight.reshape(channels))
+    if bias is not None:
+        out = _add(ctx, out, bias.reshape(channels))
+    statistics = [_cast(Jet(t.data.reshape(shape[0], N, group)), dtype) for t in (mean, rstd)]
+    return _cast(out, dtype), *statistics
 
 
 def _variance(ctx: Context, x: Jet, dims, correction, keepdim: bool) -> tuple[Jet, Jet]:
