@@ -89,15 +89,35 @@ def _max_iter(max_iter: int | None, default: int, caller: str) -> int:
     return default if max_iter is None else positive_int(max_iter, "max_iter", caller)
 
 
-def _apply_active(A: LinearOperator, P: Tensor, active: Tensor) -> Tensor:
-    """``A @ P`` on the active columns only (zeros elsewhere), one batched product."""
+def _apply_active(A: LinearOperator, P: Tensor, active: Tensor, damping: float = 0.0) -> Tensor:
+    """``A @ P`` on the active columns only (zeros elsewhere), one batched product; plus ``λ P``."""
     if bool(active.all()):
-        return A._matmat(P)
-    out = torch.zeros(A.shape[0], P.shape[1], dtype=P.dtype, device=P.device)
-    idx = active.nonzero().squeeze(1)
-    if idx.numel():
-        out[:, idx] = A._matmat(P[:, idx])
-    return out
+        out = A._matmat(P)
+    else:
+        out = torch.zeros(A.shape[0], P.shape[1], dtype=P.dtype, device=P.device)
+        idx = active.nonzero().squeeze(1)
+        if idx.numel():
+            out[:, idx] = A._matmat(P[:, idx])
+    return out + damping * P if damping else out
+
+
+def _check_claims(residual: Tensor, pending: Tensor, thresh: Tensor, last_true: Tensor,
+                  can_continue: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Test the columns that claim convergence against their true residual ``(n, k)``.
+
+    The recursively updated residual drifts from ``b − (A + λI) x`` in low precision (below the
+    true one), so a claim is only accepted on the true residual. A column that misses restarts
+    on it if that lowers the true residual below the one at its last restart (``last_true``)
+    and iterations remain; otherwise it has reached the dtype's attainable accuracy and fails.
+
+    Returns:
+        ``(norms, restart, failed)``: the true residual norms ``(k,)`` and two masks of
+        ``pending`` columns.
+    """
+    norms = residual.norm(dim=0)
+    missed = pending & ~(norms <= thresh)  # (a NaN from an overflow misses too)
+    restart = missed & (norms < last_true) & can_continue
+    return norms, restart, missed & ~restart
 
 
 def _finish(
@@ -221,8 +241,7 @@ def cg(
     X = torch.where(Bm.norm(dim=0) == 0, 0.0, X)
 
     def op(P, active):
-        out = _apply_active(A, P, active)
-        return out + damping * P if damping else out
+        return _apply_active(A, P, active, damping)
 
     def prec(R, active):
         return R if preconditioner is None else _apply_active(preconditioner, R, active)
@@ -235,11 +254,9 @@ def cg(
     Z = prec(R, active)
     P = Z.clone()
     rz = (R * Z).sum(0)
-    # The updated residual R drifts from b − (A + λI) x in low precision, below the true
-    # residual (float32 with κ = 1e4 claimed 1e-4 at a true 3.4e-4). As in minres: claims wait
-    # in ``pending``, one product checks them once no column is active, and a column that
-    # misses the tolerance restarts CG from its x on the true residual (residual replacement);
-    # a restart that does not lower the true residual ends the column as unconverged.
+    # Claims of convergence wait in ``pending``; once no column is active one product checks
+    # them (``_check_claims``; float32 with κ = 1e4 claimed 1e-4 at a true 3.4e-4), and a column
+    # that misses restarts CG from its x on the true residual (residual replacement).
     last_true = torch.full_like(res, math.inf)
     pending = torch.zeros_like(active)
     failed = torch.zeros_like(active)
@@ -269,11 +286,10 @@ def cg(
         if not bool(pending.any()):
             break
         R_true = Bm - op(X, pending)
-        norms = R_true.norm(dim=0)
+        norms, restart, gave_up = _check_claims(R_true, pending, thresh, last_true,
+                                                it < max_iter)
         res = torch.where(pending, norms, res)
-        missed = pending & ~(norms <= thresh)  # (a NaN from an overflow misses too)
-        restart = missed & (norms < last_true) & (it < max_iter)
-        failed = failed | (missed & ~restart)
+        failed = failed | gave_up
         pending = torch.zeros_like(pending)
         if not bool(restart.any()):
             break
@@ -330,7 +346,7 @@ def minres(
     eps = torch.finfo(Bm.dtype).eps
 
     def op(P, columns):
-        return _apply_active(A, P, columns) + damping * P
+        return _apply_active(A, P, columns, damping)
 
     # Lanczos vectors r1, r2 (unnormalised), y; Givens state per column (Paige–Saunders notation).
     r1 = Bm.clone()
@@ -348,12 +364,10 @@ def minres(
     w = torch.zeros_like(Bm)
     w2 = torch.zeros_like(Bm)
     # The recurrence's residual norm phibar drifts from the true one in low precision (loss of
-    # orthogonality: float32 with κ = 1e4 claimed 1e-3 at a true 3e-3, κ = 1e5 at 0.2). A column
-    # whose phibar meets the tolerance waits in ``pending``; once no column is active, one
-    # product checks every pending claim, and a column whose true residual misses the tolerance
-    # restarts MINRES from its current x on that residual. One extra product per solve when
-    # every claim holds; a restart that does not lower the true residual (the attainable
-    # accuracy of the precision) ends the column as unconverged.
+    # orthogonality: float32 with κ = 1e4 claimed 1e-3 at a true 3e-3, κ = 1e5 at 0.2). As in
+    # cg, claims wait in ``pending``, one product checks them once no column is active
+    # (``_check_claims``), and a column that misses restarts MINRES from its x on the true
+    # residual: one extra product per solve when every claim holds.
     true_res = torch.zeros_like(oldb)  # where ``checked``
     checked = torch.zeros_like(active)
     last_true = torch.full_like(oldb, math.inf)  # at the column's last restart
@@ -397,12 +411,10 @@ def minres(
         if not bool(pending.any()):
             break
         R = Bm - op(X, pending)
-        norms = R.norm(dim=0)
+        norms, restart, gave_up = _check_claims(R, pending, thresh, last_true, it < max_iter)
         true_res = torch.where(pending, norms, true_res)
         checked = checked | pending
-        missed = pending & ~(norms <= thresh)  # (a NaN from an overflow misses too)
-        restart = missed & (norms < last_true) & (it < max_iter)
-        failed = failed | (missed & ~restart)
+        failed = failed | gave_up
         pending = torch.zeros_like(pending)
         if not bool(restart.any()):
             break
