@@ -7,41 +7,11 @@ permutation and sign matrices here, independently of the library's label structu
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
+from symmetry_references import brute_force
 
 from curvkit.curvature.symmetry import SymmetryAveraged, symmetry_block_diagonal
-
-
-def _perms(h):
-    return [torch.eye(h)[list(p)] for p in itertools.permutations(range(h))]
-
-
-def _signs(h):
-    return [torch.diag(torch.tensor(s)) for s in itertools.product([1.0, -1.0], repeat=h)]
-
-
-ELEMENTS = {
-    "identity": lambda h: [torch.eye(h)],
-    "perm": _perms,
-    "sign": _signs,
-    "signed_perm": lambda h: [S @ P for S in _signs(h) for P in _perms(h)],
-}
-
-
-def orbit_average(M, shape, groups):
-    """``mean_A (⊗ A_k) M (⊗ A_k)ᵀ`` over every element of the product group."""
-    total, count = torch.zeros_like(M), 0
-    for combo in itertools.product(*[ELEMENTS[g](h) for g, h in zip(groups, shape)]):
-        A = combo[0]
-        for B in combo[1:]:
-            A = torch.kron(A, B)
-        total += A @ M @ A.T
-        count += 1
-    return total / count
-
 
 CASES = [
     ((4, 3), ("perm", "identity")),
@@ -83,9 +53,9 @@ def test_diagonal_and_eigh_of_an_indefinite_projection(shape, groups):
     M = _indefinite(n, 0)
     # shift to the middle of the averaged spectrum: averaging commutes with M -> M + tI, and
     # the projection then certainly has eigenvalues of both signs
-    ends = torch.linalg.eigvalsh(orbit_average(M, shape, groups))[[0, -1]]
+    ends = torch.linalg.eigvalsh(brute_force(M, shape, groups))[[0, -1]]
     M = M - ends.mean() * torch.eye(n)
-    S = orbit_average(M, shape, groups)
+    S = brute_force(M, shape, groups)
     op = SymmetryAveraged.from_matrix(M, shape=shape, groups=groups)
     torch.testing.assert_close(op.diagonal(), torch.diagonal(S), atol=1e-12, rtol=1e-12)
     lam, _ = _check_eigh(op, S)
@@ -98,7 +68,7 @@ def test_diagonal_and_eigh_of_a_rank_deficient_sample_average(shape, groups):
     g = torch.Generator().manual_seed(1)
     v = torch.randn(1, *shape, generator=g)
     flat = v.reshape(1, -1)
-    S = orbit_average(flat.T @ flat, shape, groups)
+    S = brute_force(flat.T @ flat, shape, groups)
     op = SymmetryAveraged.from_samples(v, groups=groups)
     torch.testing.assert_close(op.diagonal(), torch.diagonal(S), atol=1e-12, rtol=1e-12)
     _check_eigh(op, S)
@@ -144,7 +114,7 @@ def test_block_diagonal_of_symmetry_blocks_has_diagonal_and_eigh():
     groups = [("perm", "identity"), ("perm",)]
     op = symmetry_block_diagonal(samples, groups=groups)
     dense = torch.block_diag(*[
-        orbit_average(s.reshape(2, -1).T @ s.reshape(2, -1), s.shape[1:], grp)
+        brute_force(s.reshape(2, -1).T @ s.reshape(2, -1), s.shape[1:], grp)
         for s, grp in zip(samples, groups)])
     torch.testing.assert_close(op.diagonal(), torch.diagonal(dense), atol=1e-12, rtol=1e-12)
     lam, Q = op.eigh()
