@@ -251,3 +251,28 @@ class DenseKL:
                 self.V = map_second_moment(self.V, Q_old, self.Q)
         self.t += 1
         return W
+
+
+def run_ours(cls, W0, Gs, **options):
+    """Optimizer ``cls`` on one parameter starting at ``W0`` fed the gradients ``Gs``.
+
+    Returns:
+        ``(iterates, optimizer)``: the parameter after every step, and the optimizer.
+    """
+    W = torch.nn.Parameter(W0.clone())
+    opt = cls([W], **options)
+    out = []
+    for G in Gs:
+        W.grad = G.clone()
+        opt.step()
+        out.append(W.detach().clone())
+    return out, opt
+
+
+def assert_follows(ours, reference, W0, Gs, **tolerance):
+    """``ours`` (iterates) equal the reference's steps from ``W0`` on ``Gs``, step by step."""
+    W = W0.clone()
+    for G, got in zip(Gs, ours):
+        W = reference.step(W, G)
+        torch.testing.assert_close(got, W, **tolerance)
+

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from optim_references import DenseKL
+from optim_references import DenseKL, run_ours
 
 from curvkit.optim import KLSOAP, KLShampoo
 from curvkit.optim.kl_shampoo import kl_direction, kl_factor_terms
@@ -10,17 +10,6 @@ def grads(shape, steps, seed=0):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=g)
     return [base + 0.5 * torch.randn(shape, generator=g) for _ in range(steps)]
-
-
-def run_ours(cls, W0, Gs, **kw):
-    W = torch.nn.Parameter(W0.clone())
-    opt = cls([W], **kw)
-    out = []
-    for G in Gs:
-        W.grad = G.clone()
-        opt.step()
-        out.append(W.detach().clone())
-    return out, opt
 
 
 @pytest.mark.parametrize("cls", [KLShampoo, KLSOAP])

@@ -13,7 +13,7 @@ import io
 
 import pytest
 import torch
-from optim_references import DenseKL, DenseSOAP, map_second_moment
+from optim_references import DenseKL, DenseSOAP, assert_follows, map_second_moment, run_ours
 from torch import nn
 
 from curvkit.optim import KLSOAP, SOAP, KLShampoo
@@ -26,17 +26,6 @@ def grads(shape, steps, seed=0):
     scale = torch.linspace(0.3, 3.0, shape[0]).reshape(-1, *[1] * (len(shape) - 1))
     base = torch.randn(shape, generator=g)
     return [scale * (base + 0.7 * torch.randn(shape, generator=g)) for _ in range(steps)]
-
-
-def run_ours(cls, W0, Gs, **kw):
-    W = nn.Parameter(W0.clone())
-    opt = cls([W], **kw)
-    out = []
-    for G in Gs:
-        W.grad = G.clone()
-        opt.step()
-        out.append(W.detach().clone())
-    return out, opt
 
 
 def orthogonal(d, g):
@@ -89,10 +78,7 @@ def test_soap_late_start_matches_dense_reference(method, second_moment):
                        second_moment=second_moment, **SOAP_KW)
     ref = DenseSOAP(shape, lr=0.05, betas=(0.9, 0.95), eps=1e-8, wd=0.01, freq=2,
                     method=method, start=3, second_moment=second_moment)
-    W = W0.clone()
-    for G, got in zip(Gs, ours):
-        W = ref.step(W, G)
-        torch.testing.assert_close(got, W, rtol=1e-9, atol=1e-11)
+    assert_follows(ours, ref, W0, Gs, rtol=1e-9, atol=1e-11)
 
 
 def test_soap_late_start_maps_the_second_moment_one_sided():
@@ -103,10 +89,7 @@ def test_soap_late_start_maps_the_second_moment_one_sided():
                        **SOAP_KW)
     ref = DenseSOAP(shape, lr=0.05, betas=(0.9, 0.95), eps=1e-8, wd=0.01, freq=2, right=False,
                     start=2)
-    W = W0.clone()
-    for G, got in zip(Gs, ours):
-        W = ref.step(W, G)
-        torch.testing.assert_close(got, W, rtol=1e-9, atol=1e-11)
+    assert_follows(ours, ref, W0, Gs, rtol=1e-9, atol=1e-11)
 
 
 def test_soap_map_from_the_first_step_matches_dense_reference():
@@ -116,10 +99,7 @@ def test_soap_map_from_the_first_step_matches_dense_reference():
     ours, _ = run_ours(SOAP, W0, Gs, second_moment="map", **SOAP_KW)
     ref = DenseSOAP(shape, lr=0.05, betas=(0.9, 0.95), eps=1e-8, wd=0.01, freq=2,
                     second_moment="map")
-    W = W0.clone()
-    for G, got in zip(Gs, ours):
-        W = ref.step(W, G)
-        torch.testing.assert_close(got, W, rtol=1e-9, atol=1e-11)
+    assert_follows(ours, ref, W0, Gs, rtol=1e-9, atol=1e-11)
 
 
 # --------------------------------------------------------------------------- KL trajectories
@@ -133,10 +113,7 @@ def test_klsoap_late_start_matches_dense_reference(shape, second_moment):
                          second_moment=second_moment, **kw)
     ref = DenseKL(shape, lr=0.02, betas=(0.9, 0.95), eps=1e-8, wd=0.01, freq=2, soap=True,
                   start=3, second_moment=second_moment)
-    W = W0.clone()
-    for G, got in zip(Gs, ours):
-        W = ref.step(W, G)
-        torch.testing.assert_close(got, W, rtol=1e-8, atol=1e-10)
+    assert_follows(ours, ref, W0, Gs, rtol=1e-8, atol=1e-10)
     # the reference's bases agree with the library's up to column signs, to which Ṽ is blind
     block = opt.state[opt.param_groups[0]["params"][0]]["blocks"][0]
     torch.testing.assert_close(block["exp_avg_sq"], ref.V, rtol=1e-8, atol=1e-12)
@@ -148,10 +125,7 @@ def test_klshampoo_late_start_matches_dense_reference():
     ours, _ = run_ours(KLShampoo, W0, Gs, lr=0.02, betas=(0.9, 0.95), weight_decay=0.0,
                        precondition_frequency=2, start_preconditioning_step=2)
     ref = DenseKL(shape, lr=0.02, betas=(0.9, 0.95), eps=1e-8, wd=0.0, freq=2, start=2)
-    W = W0.clone()
-    for G, got in zip(Gs, ours):
-        W = ref.step(W, G)
-        torch.testing.assert_close(got, W, rtol=1e-8, atol=1e-10)
+    assert_follows(ours, ref, W0, Gs, rtol=1e-8, atol=1e-10)
 
 
 # --------------------------------------------------------------------------- options

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from optim_references import DenseSOAP, adam_step
+from optim_references import DenseSOAP, adam_step, run_ours
 
 from curvkit.optim import SOAP
 
@@ -9,17 +9,6 @@ def grads(shape, steps, seed=0):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=g)
     return [base + 0.5 * torch.randn(shape, generator=g) for _ in range(steps)]
-
-
-def run_ours(opt_cls, W0, Gs, **kw):
-    W = torch.nn.Parameter(W0.clone())
-    opt = opt_cls([W], **kw)
-    out = []
-    for G in Gs:
-        W.grad = G.clone()
-        opt.step()
-        out.append(W.detach().clone())
-    return out, opt
 
 
 @pytest.mark.parametrize("method", ["qr", "eigh"])
