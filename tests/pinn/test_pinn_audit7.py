@@ -102,7 +102,7 @@ def test_step_refuses_dense_matrices_that_cannot_fit_before_allocating(monkeypat
     def no_linearize(*args, **kwargs):
         raise AssertionError("linearize ran before the memory check")
 
-    monkeypatch.setattr(engd, "linearize", no_linearize)
+    monkeypatch.setattr(engd, "linearize_checked", no_linearize)
     caller = optimizer._caller
     with pytest.raises(ValueError, match=rf"{caller} \(N = 10 points, P = {P} parameters\): a "
                        rf"step needs .* \({needed:,} bytes\) for its dense float64 matrices"):

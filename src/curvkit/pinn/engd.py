@@ -27,7 +27,7 @@ from curvkit.linalg import ConvergenceWarning, LinearOperator, cg
 from curvkit.linalg.gram import gram
 from curvkit.pinn._mlp import mlp_derivatives, mlp_structure
 from curvkit.pinn.base import Batch, Problem
-from curvkit.pinn.jacobian import linearize
+from curvkit.pinn.jacobian import linearize_checked
 from curvkit.pinn.residuals import _check_batch, _check_deterministic, residual_function
 from curvkit.pinn.solves import check_dense_memory, damped_cholesky_solve
 
@@ -217,10 +217,10 @@ class NaturalGradientBase(Optimizer):
         """
         group = self.param_groups[0]
         params = group["params"]
-        # Checked as linearize checks it (and named so), since N is needed before linearising.
+        # Checked once, as linearize checks it (and named so): N is needed before linearising.
         batch = _check_batch(self.problem, batch, "linearize", self.model)
         self._check_memory(batch[0].shape[0] + batch[1].shape[0])
-        lin = linearize(self.model, self.problem, batch)
+        lin = linearize_checked(self.model, self.problem, batch)
         current = 0.5 * float(lin.residual.square().sum())
         eta = 0.0
         if math.isfinite(current):  # else nothing to solve for: reported, parameters kept

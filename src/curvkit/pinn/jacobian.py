@@ -320,7 +320,13 @@ def linearize(
     Raises:
         ValueError: If the batch does not match the problem.
     """
-    _check_batch(problem, batch, "linearize", model)
+    return linearize_checked(model, problem, _check_batch(problem, batch, "linearize", model),
+                             dense=dense)
+
+
+def linearize_checked(model: nn.Module, problem: Problem, batch: Batch, *, dense: bool = False
+                      ) -> ResidualJacobian | DenseResidualJacobian:
+    """``linearize`` of a batch its caller has checked (``residuals._check_batch``)."""
     _check_untied(model, "linearize")
     params = [p for p in model.parameters() if p.requires_grad]
     shapes = [p.shape for p in params]
