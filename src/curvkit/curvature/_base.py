@@ -86,13 +86,6 @@ def split_columns(X: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
             for (n, p), x in zip(params.items(), X.split(sizes))}
 
 
-def mask_padding(V: dict[str, Tensor], rows: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Tangents ``(k, *shape)`` with the embeddings' padding rows zeroed (no-op without any)."""
-    if not rows:
-        return V
-    return {n: t.index_fill(1, rows[n], 0.0) if n in rows else t for n, t in V.items()}
-
-
 def join_columns(parts: Iterable[Tensor], k: int) -> Tensor:
     """Tensors ``(k, *shape_i)`` → ``(P, k)`` block."""
     return torch.cat([p.reshape(k, -1) for p in parts], dim=1).T
@@ -113,7 +106,6 @@ class CurvatureOperator(LinearOperator):
     is_symmetric = True
     _analytic = True  # needs a closed-form output Hessian (the GGN family)
     _allow_weights = False
-    _forward_mode = False  # products push tangents forward (see DataEngine.padding_rows)
 
     def __new__(cls, *args, blocks=None, **kwargs):
         if blocks is None:
@@ -147,7 +139,6 @@ class CurvatureOperator(LinearOperator):
                                  check_deterministic=check_deterministic, num_data=num_data,
                                  batch_size_fn=batch_size_fn, allow_weights=self._allow_weights)
         self.loss = loss
-        self._padding = self.engine.padding_rows() if self._forward_mode else {}
         first = next(iter(selected.values()))
         P = sum(p.numel() for p in selected.values())
         super().__init__((P, P), dtype=first.dtype, device=first.device,
@@ -171,7 +162,7 @@ class CurvatureOperator(LinearOperator):
 
     def _matmat(self, X: Tensor) -> Tensor:
         k = X.shape[1]
-        V = mask_padding(split_columns(X, self.engine.params), self._padding)
+        V = split_columns(X, self.engine.params)
         parts = self.engine.reduce_over_data(lambda b: self._batch_matmat(b, V),
                                              desc=f"{type(self).__name__} @ ({k} columns)")
         return join_columns(parts, k)

@@ -5,7 +5,8 @@ not change the model. For a pass (``DataEngine.context()``) some modules are the
 differentiable, side-effect-free state and restored afterwards: training-mode BatchNorm stops
 updating its running statistics, ``sparse=True`` embeddings give dense gradients, weight-norm
 parametrizations run as plain tensor operations, and a padded embedding whose weight is tied to
-another module holds its padding row fixed for its own lookup only. ``unwrap`` finds the module
+a padded embedding holds its padding row fixed, as PyTorch's gradient does (forward-mode AD would
+carry its tangent), for its own lookup only (the weight may be tied to an output layer). ``unwrap`` finds the module
 inside ``torch.compile`` and ``(Distributed)DataParallel`` wrappers, which refuse
 ``torch.func.functional_call``.
 """
@@ -52,7 +53,7 @@ def _plain_weight_norm(dim: int) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def _padding_fixed_embedding(m: nn.Embedding) -> Callable[[Tensor], Tensor]:
-    """``m.forward`` with the padding row a constant for this lookup only (tied weights)."""
+    """``m.forward`` with the padding row a constant in this lookup only (tied uses keep it)."""
 
     def forward(tokens: Tensor) -> Tensor:
         w, i = m.weight, m.padding_idx % m.num_embeddings
@@ -63,10 +64,10 @@ def _padding_fixed_embedding(m: nn.Embedding) -> Callable[[Tensor], Tensor]:
     return forward
 
 
-def set_pass_state(stateful: list[nn.Module], tied_padding: set[int], saved: list) -> None:
+def set_pass_state(stateful: list[nn.Module], padded: set[int], saved: list) -> None:
     """Put ``stateful`` modules in their pass state, appending ``(module, attribute, old)``.
 
-    ``tied_padding`` holds the ids of padded embeddings whose weight is tied to another module.
+    ``padded`` holds the ids of the embeddings with a padding row.
     """
     for m in stateful:
         if isinstance(m, _BatchNorm) and m.training and m.track_running_stats:
@@ -76,7 +77,7 @@ def set_pass_state(stateful: list[nn.Module], tied_padding: set[int], saved: lis
             if m.sparse:
                 saved.append((m, "sparse", True))
                 m.sparse = False
-            if id(m) in tied_padding and "forward" not in vars(m):
+            if id(m) in padded and "forward" not in vars(m):
                 saved.append((m, "forward", None))
                 m.forward = _padding_fixed_embedding(m)
         elif isinstance(m, _WeightNorm) and "forward" not in vars(m):  # (nested)

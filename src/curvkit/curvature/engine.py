@@ -251,14 +251,10 @@ class DataEngine:
         # Modules whose state the passes set for their duration (see context()).
         self._stateful = [m for m in model.modules()
                           if isinstance(m, (_BatchNorm, nn.Embedding, nn.EmbeddingBag, _WeightNorm))]
-        uses: dict[int, int] = {}
-        for _, t in model.named_parameters(remove_duplicate=False):
-            uses[id(t)] = uses.get(id(t), 0) + 1
-        # Padded embeddings whose weight another module also uses (tied input/output
-        # embeddings): their padding row is fixed for the embedding only (see padding_rows).
-        self._tied_padding = {id(m) for m in self._stateful
-                              if type(m) is nn.Embedding and m.padding_idx is not None
-                              and uses.get(id(m.weight), 0) > 1}
+        # Embeddings with a padding row: PyTorch's gradient holds that row fixed, which passes
+        # reproduce for every mode of differentiation (see set_pass_state).
+        self._padded = {id(m) for m in self._stateful
+                        if type(m) is nn.Embedding and m.padding_idx is not None}
         self._num_terms: float | None = None  # global T once known
         # The one device of the selected parameters (None for a model spread over devices):
         # batches and the loss's tensors must live there, checked before PyTorch fails deep
@@ -302,24 +298,6 @@ class DataEngine:
     def _strip(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         k = len(self._prefix)
         return {n[k:] if n.startswith(self._prefix) else n: t for n, t in params.items()}
-
-    def padding_rows(self) -> dict[str, Tensor]:
-        """Selected embedding weights with a ``padding_idx``: name → ``(1,)`` index of that row.
-
-        PyTorch's backward gives the padding row no gradient (it is held fixed in training),
-        while forward-mode AD propagates its tangent; operators built on forward mode (GGN,
-        Fisher, Jacobian) zero that row of their tangents so that ``J`` and ``Jᵀ`` agree. A
-        weight tied to another module is left out: there the row is fixed for the embedding
-        alone, by ``context()`` (a detached copy of the row in the embedding's forward).
-        """
-        rows = {}
-        by_id = {id(t): n for n, t in self.params.items()}
-        for m in self.model.modules():
-            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.padding_idx is not None \
-                    and id(m.weight) in by_id and id(m) not in self._tied_padding:
-                rows[by_id[id(m.weight)]] = torch.tensor([m.padding_idx % m.num_embeddings],
-                                                         device=m.weight.device)
-        return rows
 
     def batch_statistics_modules(self) -> list[str]:
         """Names of BatchNorm modules normalising with batch statistics (coupling examples)."""
@@ -459,7 +437,7 @@ class DataEngine:
                 stack.enter_context(torch.autocast(device_type, enabled=False))
             torch.backends.mha.set_fastpath_enabled(False)
             try:
-                set_pass_state(self._stateful, self._tied_padding, saved)
+                set_pass_state(self._stateful, self._padded, saved)
                 yield
             except (RuntimeError, NotImplementedError) as err:
                 if any(key in str(err) for key in _NOT_TWICE_DIFFERENTIABLE):

@@ -40,7 +40,6 @@ class OutputSpaceCurvature(CurvatureOperator):
     """
 
     is_psd = True
-    _forward_mode = True
     _column_budget = COLUMN_BUDGET_BYTES
     _saved_per_example: float | None = None
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
-from curvkit.curvature._base import join_columns, mask_padding, not_movable, split_columns
+from curvkit.curvature._base import join_columns, not_movable, split_columns
 from curvkit.curvature.engine import DataEngine, resolve_params
 from curvkit.linalg import LinearOperator
 
@@ -48,7 +48,6 @@ class Jacobian(LinearOperator):
                                  batch_size_fn=batch_size_fn)
         with torch.no_grad(), self.engine.context():
             self.output_shapes = [self.engine.forward(b.X).shape for b in self.engine.batches()]
-        self._padding = self.engine.padding_rows()
         if not self.output_shapes:
             raise ValueError("Jacobian: data yielded no batches (or only empty ones).")
         M = sum(s.numel() for s in self.output_shapes)
@@ -62,7 +61,7 @@ class Jacobian(LinearOperator):
 
     def _matmat(self, X: Tensor) -> Tensor:
         k = X.shape[1]
-        V = mask_padding(split_columns(X, self.engine.params), self._padding)
+        V = split_columns(X, self.engine.params)
         params = {n: p.detach() for n, p in self.engine.params.items()}
         rows = []
         with self.engine.context():
