@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -409,6 +410,27 @@ def test_kfac_weights_on_cpu_with_data_on_device(device):
     (m_c, l_c, d_c), (m_d, l_d, d_d) = twins(model, loss_fn, data, device)
     d_d = [(X, y, w.cpu()) for X, y, w in d_d]
     check_products(KFAC(m_c, l_c, d_c), KFAC(m_d, l_d, d_d), device)
+
+
+@pytest.mark.parametrize("build,fisher", [(kfac_mlp, "type2"), (kfac_mlp, "mc"),
+                                           (kfac_weighted, "type2")])
+def test_kfac_compute_reads_the_device_twice(build, fisher, device):
+    """One read for the term count and the deferred target and weight checks of all batches,
+    one for the layers' checks; a read per batch or per layer stalls the launch queue."""
+    if device.type != "cuda":
+        pytest.skip("counts CUDA synchronisations (torch.cuda.set_sync_debug_mode)")
+    _, (model, loss_fn, data) = twins(*build(), device)
+    op = KFAC(model, loss_fn, data, fisher=fisher)  # the first pass plans the layers
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            op.compute()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 2, syncs
 
 
 @pytest.mark.parametrize("case", ["mlp-type2", "lm-other-diagonal"])

@@ -84,7 +84,8 @@ class Batch:
         y: Targets ``(N, ...)``.
         weights: Per-example weights ``(N,)`` for weighted batches ``(X, y, w)``, else ``None``.
         batch_size: ``N``.
-        count: Number of loss terms in the batch (what ``reduction="mean"`` divides by).
+        count: Number of loss terms in the batch (what ``reduction="mean"`` divides by); a
+            0-d tensor on the targets' device when counted there under ``lazy_count``.
         index: Position of the batch in the data.
     """
 
@@ -92,7 +93,7 @@ class Batch:
     y: Tensor
     weights: Tensor | None
     batch_size: int
-    count: float
+    count: float | Tensor
     index: int
 
 
@@ -325,8 +326,12 @@ class DataEngine:
         raise ValueError(f"{self.caller}: cannot infer the batch size of a {type(X).__name__} "
                          "input; pass batch_size_fn=...")
 
-    def batches(self, desc: str | None = None) -> Iterator[Batch]:
-        """Iterate over the data as ``Batch`` objects (with a progress bar if requested)."""
+    def batches(self, desc: str | None = None, *, lazy_count: bool = False) -> Iterator[Batch]:
+        """Iterate over the data as ``Batch`` objects (with a progress bar if requested).
+
+        ``lazy_count`` leaves a count made on an accelerator there (no synchronisation per
+        batch); the caller reads the sum once.
+        """
         it = self.data
         if self.progress:
             from tqdm.auto import tqdm
@@ -352,7 +357,10 @@ class DataEngine:
             n = self._batch_size(X, y)
             if n == 0:  # an empty batch adds nothing to any sum (and would divide by zero)
                 continue
-            count = 0.0 if self.loss is None else float(self.loss.count(y, n))
+            count = 0.0 if self.loss is None else self.loss.count(y, n)
+            if isinstance(count, Tensor):
+                count = (count.double() if lazy_count and count.device.type != "cpu"
+                         else float(count))
             yield Batch(X, y, w, n, count, i)
 
     def _check_devices(self, i: int, X, y) -> None:
@@ -454,7 +462,8 @@ class DataEngine:
 
     def reduce_over_data(self, fn: Callable[[Batch], list[Tensor]], *,
                          desc: str | None = None, math_sdpa: bool = True,
-                         owned: bool = False, normalise: bool = True) -> list[Tensor]:
+                         owned: bool = False, normalise: bool = True,
+                         defer_checks: bool = False) -> list[Tensor]:
         """Sum ``fn(batch)`` over batches and ranks and normalise by the loss reduction.
 
         Args:
@@ -469,22 +478,39 @@ class DataEngine:
                 is still counted: ``loss_scale()`` gives the factor) for callers that scale
                 only some parts, sparing a pass over the others (KFAC's input factors are
                 divided by their own count anyway).
+            defer_checks: Count the terms and check the targets on their device and read all
+                batches' answers in one synchronisation after the pass, instead of one per
+                batch (an accelerator's launch queue stalls at each). Only for ``fn`` that
+                never index with the targets: until then, out-of-range class indices are
+                not yet refused.
 
         Returns:
             The summed tensors times ``1/T`` (mean) or 1 (sum); ``T`` is counted in the same pass.
         """
         totals: list[Tensor] | None = None
-        count = 0.0
-        with self.context() if math_sdpa else contextlib.nullcontext():
-            for batch in self.batches(desc):
-                parts = fn(batch)
-                if totals is None:
-                    totals = parts
-                elif owned:
-                    totals = [a.add_(b) for a, b in zip(totals, parts)]
-                else:
-                    totals = [a + b for a, b in zip(totals, parts)]
-                count += batch.count
+        count: float | Tensor = 0.0
+        pending = [] if defer_checks and self.loss is not None else None
+        if pending is not None:
+            self.loss.pending = pending
+        try:
+            with self.context() if math_sdpa else contextlib.nullcontext():
+                for batch in self.batches(desc, lazy_count=pending is not None):
+                    parts = fn(batch)
+                    if totals is None:
+                        totals = parts
+                    elif owned:
+                        totals = [a.add_(b) for a, b in zip(totals, parts)]
+                    else:
+                        totals = [a + b for a, b in zip(totals, parts)]
+                    count = count + batch.count
+        except Exception:
+            if pending:  # a deferred check that failed explains the error better
+                _read_deferred(0.0, pending)
+            raise
+        finally:
+            if pending is not None:
+                self.loss.pending = None
+        count = _read_deferred(count, pending or [])
         if totals is None:
             raise ValueError(f"{self.caller}: data yielded no batches (or only empty ones).")
         if distributed.is_distributed():
@@ -581,3 +607,27 @@ class DataEngine:
                     torch.tensor(batch.count, dtype=torch.float64),
                 ]))
         return rows
+
+
+def _read_deferred(count: float | Tensor, pending: list[tuple[Tensor, Callable[[], str]]]
+                   ) -> float:
+    """The term count as a float, and the deferred checks raised, in one device read.
+
+    Args:
+        count: The summed count, a float or a 0-d tensor on the targets' device.
+        pending: ``(flag, message)`` per deferred check: a 0-d bool tensor, true where the
+            check failed, and a function giving the error message.
+    """
+    flags = [flag.reshape(1) for flag, _ in pending]
+    if isinstance(count, Tensor):
+        flags = [count.reshape(1).double(), *(f.double() for f in flags)]
+    elif not flags:
+        return count
+    values = torch.cat(flags).tolist()
+    if isinstance(count, Tensor):
+        count, *values = values
+    for failed, (_, message) in zip(values, pending):
+        if failed:
+            raise ValueError(message())
+    return count
+

@@ -301,7 +301,9 @@ class KFAC(LinearOperator):
         # a layer may see the batch elsewhere than in front ((S, N, D) in a sequence-first
         # model, (N·T, C, H, W) folded frames). Weights need batch-first inputs, so there the
         # rows are N·S and the total is Σ w · S. (Empty batches never get here.)
-        total = A.new_tensor(float(rows)) if w is None else w.sum() * (rows // N)
+        # (torch.full fills on the device; new_tensor would copy from the host and sync)
+        total = (torch.full((), float(rows), dtype=A.dtype, device=A.device) if w is None
+                 else w.sum() * (rows // N))
         if plan.joint:
             d = A.shape[-1]
             joint = A.new_empty(A.shape[0], d + 1, d + 1)

@@ -253,9 +253,12 @@ class FactorPass:
 
         KFAC differentiates once, so it keeps PyTorch's fast attention kernels
         (``math_sdpa=False``); ``T``, the number of loss terms, is counted in the same pass.
+        Only the empirical Fisher feeds the targets to the loss: the other kinds defer the
+        term count and the target checks to one device read after the pass.
         """
         return self.engine.reduce_over_data(fn, desc=desc, math_sdpa=False, owned=True,
-                                            normalise=normalise)
+                                            normalise=normalise,
+                                            defer_checks=self.fisher != "empirical")
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, plan: LayerPlan):
@@ -275,14 +278,19 @@ class FactorPass:
     def forward(self, batch: Batch) -> Tensor:
         """Model output for ``batch`` with every planned module's calls recorded."""
         w = batch.weights
-        if w is not None and (not isinstance(w, Tensor) or w.shape != (batch.batch_size,)
-                              or not ((w >= 0) & w.isfinite()).all()):  # NaN fails w >= 0
-            got = type(w).__name__
-            if isinstance(w, Tensor):
-                got = f"shape {tuple(w.shape)}" + (f", min {w.min().item():.3g}, max "
-                                                   f"{w.max().item():.3g}" if w.numel() else "")
-            raise ValueError(f"KFAC: batch weights must be a tensor of shape ({batch.batch_size},) "
-                             f"with finite entries >= 0; batch {batch.index} has {got}.")
+        if w is not None:
+            def message() -> str:
+                got = type(w).__name__
+                if isinstance(w, Tensor):
+                    got = f"shape {tuple(w.shape)}" + (f", min {w.min().item():.3g}, max "
+                                                       f"{w.max().item():.3g}" if w.numel() else "")
+                return (f"KFAC: batch weights must be a tensor of shape ({batch.batch_size},) "
+                        f"with finite entries >= 0; batch {batch.index} has {got}.")
+
+            if not isinstance(w, Tensor) or w.shape != (batch.batch_size,):
+                raise ValueError(message())
+            # NaN fails w >= 0; the values are only multiplied in, so the check may wait
+            self.loss.require(~((w >= 0) & w.isfinite()).all(), message)
         X = self._layout(batch.X)
         try:
             out = self._record(X)

@@ -59,6 +59,10 @@ class OutputLoss:
                 f"({type(module).__name__})."
             )
         self.module, self.reduction, self.caller = module, reduction, caller
+        # While a list: checks that need the device's answer append ``(flag, message)`` here
+        # instead of synchronising, and the engine reads them all at once after its pass
+        # (``DataEngine.reduce_over_data(defer_checks=True)``).
+        self.pending: list[tuple[Tensor, Callable[[], str]]] | None = None
 
     # ------------------------------------------------------------------ any loss
     def count(self, y: Tensor, batch_size: int) -> Tensor:
@@ -72,6 +76,16 @@ class OutputLoss:
 
     def check(self, output: Tensor, y: Tensor) -> None:
         """Raise if ``output`` and ``y`` do not fit this loss."""
+
+    def require(self, failed: Tensor, message: Callable[[], str], *, eager: bool = False) -> None:
+        """Raise ``ValueError(message())`` if the 0-d bool ``failed`` is true.
+
+        Now, or after the pass where checks are deferred (``pending``) and not ``eager``.
+        """
+        if self.pending is not None and not eager:
+            self.pending.append((failed, message))
+        elif bool(failed):  # a device synchronisation
+            raise ValueError(message())
 
     # ------------------------------------------------------------------ GGN family
     def _unsupported(self, what: str):
@@ -164,13 +178,17 @@ class _CrossEntropy(OutputLoss):
                 "not supported (its output Hessian depends on the target mixture)."
             )
 
-    def _check_range(self, y: Tensor, C: int) -> None:
+    def _check_range(self, y: Tensor, C: int, *, eager: bool = False) -> None:
+        # Deferred (see ``pending``) unless ``eager``: before targets index anything on an
+        # accelerator, where an index out of range is a device-side assert, not an error.
         bad = (y != self.ignore_index) & ((y < 0) | (y >= C))
-        if bool(bad.any()):  # one reduction (and sync) per batch, no boolean indexing
-            raise ValueError(
-                f"{self.caller}: CrossEntropyLoss class-index targets must lie in [0, {C}) "
-                f"(or equal ignore_index={self.ignore_index}); got {y[bad].unique()[:8].tolist()}."
-            )
+
+        def message() -> str:
+            return (f"{self.caller}: CrossEntropyLoss class-index targets must lie in [0, {C}) "
+                    f"(or equal ignore_index={self.ignore_index}); got "
+                    f"{y[bad].unique()[:8].tolist()}.")
+
+        self.require(bad.any(), message, eager=eager)  # one reduction, no boolean indexing
 
     def _term_weights(self, y: Tensor, dtype: torch.dtype) -> Tensor | None:
         """Per-token weights ``(N, d1, ...)``: 0 for ignored tokens, ``weight[y]`` if weighted.
@@ -185,7 +203,7 @@ class _CrossEntropy(OutputLoss):
         keep = y != self.ignore_index
         if self.weight is None:
             return keep.to(dtype)
-        self._check_range(y, self.weight.shape[0])  # before indexing the weights with y
+        self._check_range(y, self.weight.shape[0], eager=True)  # before y indexes the weights
         return torch.where(keep, self.weight.to(dtype)[y.clamp(min=0) * keep], 0.0)
 
     def count(self, y, batch_size):
