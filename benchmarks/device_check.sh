@@ -5,7 +5,7 @@
 #      benchmarks/kfac_profile.py (launch and synchronisation counts against curvlinops);
 #   3. benchmarks/pinn.py --per-step on the GPU (5-d Poisson, every method);
 #   4. a short L2-against-time run of benchmarks/pinn.py on the GPU;
-#   5. the whole test suite on that machine's torch (CPU), as a compatibility check.
+#   5. the rest of the test suite on that machine (its torch, with a GPU present).
 # Logs and JSON go to $OUT (default ./device-out). Optional wheels (curvlinops and its
 # dependencies, for the KFAC comparison) are installed from .whl/ when present.
 # Stage budgets in seconds: STAGE_TESTS, STAGE_KFAC, STAGE_KFAC_LARGE, STAGE_KFAC_PROFILE,
@@ -55,7 +55,8 @@ stage per_step "${STAGE_PER_STEP:-150}" $PY benchmarks/pinn.py --device $DEV --p
     --out "$OUT/pinn_cuda"
 stage run "${STAGE_RUN:-280}" $PY benchmarks/pinn.py --device $DEV --budget "${PINN_BUDGET:-40}" \
     --budget-2d "${PINN_BUDGET_2D:-20}" $QUICK --out "$OUT/pinn_cuda_run"
-stage suite "${STAGE_SUITE:-100}" $PY -m pytest -q -p no:cacheprovider $(workers 12)
+stage suite "${STAGE_SUITE:-100}" $PY -m pytest -q -p no:cacheprovider $(workers 12) -rf \
+    --tb=short --ignore-glob='*_device.py'
 echo "== summary"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
 # The tool brings back few files: everything in one archive.

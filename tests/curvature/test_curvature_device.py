@@ -429,7 +429,7 @@ def test_kfac_compute_reads_the_device_twice(build, fisher, device):
             op.compute()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 2, syncs
 
 
