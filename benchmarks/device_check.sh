@@ -55,8 +55,10 @@ stage per_step "${STAGE_PER_STEP:-150}" $PY benchmarks/pinn.py --device $DEV --p
     --out "$OUT/pinn_cuda"
 stage run "${STAGE_RUN:-280}" $PY benchmarks/pinn.py --device $DEV --budget "${PINN_BUDGET:-40}" \
     --budget-2d "${PINN_BUDGET_2D:-20}" $QUICK --out "$OUT/pinn_cuda_run"
-stage suite "${STAGE_SUITE:-100}" $PY -m pytest -q -p no:cacheprovider $(workers 12) -rf \
+# -v: a failure is named as it happens, also when the stage runs out of time
+stage suite "${STAGE_SUITE:-100}" $PY -m pytest -v -p no:cacheprovider $(workers 14) -rf \
     --tb=short --ignore-glob='*_device.py'
+grep -E "(FAILED|ERROR) tests" "$OUT/suite.log" | sort -u | head -40
 echo "== summary"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
 # The tool brings back few files: everything in one archive.

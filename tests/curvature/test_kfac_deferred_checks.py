@@ -89,3 +89,21 @@ def test_read_deferred():
     with pytest.raises(ValueError, match="^b$"):  # the first failed check, in pass order
         _read_deferred(torch.tensor(7.0, dtype=D), [(no, fails("a")), (yes, fails("b")),
                                                     (yes, fails("c"))])
+
+
+def test_the_wiring_is_verified_at_the_first_compute_only(monkeypatch):
+    # The gradient-coverage check costs an extra backward pass (and a device read per layer):
+    # a recompute after a parameter update skips it, as it skips the determinism check.
+    from curvkit.curvature.kfac_pass import FactorPass
+
+    calls = []
+    verify = FactorPass.verify
+    monkeypatch.setattr(FactorPass, "verify", lambda *a: calls.append(1) or verify(*a))
+    data = data_with_bad_target(0)
+    op = KFAC(mlp(), nn.CrossEntropyLoss(), data)
+    before = op.to_dense()
+    op.compute()
+    assert len(calls) == 1
+    torch.testing.assert_close(op.to_dense(), before)
+    assert len(KFAC(mlp(), nn.CrossEntropyLoss(), data, check_deterministic=False).factors)
+    assert len(calls) == 1

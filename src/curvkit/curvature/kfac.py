@@ -96,6 +96,8 @@ class KFAC(LinearOperator):
         check_deterministic: Refuse random layers and shuffling data, and verify on the first
             batch that the hooked layer calls account for the whole gradient of their
             parameters (weight tying and functional reuse raise instead of being miscounted).
+            Both checks run at the first ``compute()`` only: a recompute after a parameter
+            update pays for neither (rebuild the operator after changing the model's wiring).
         num_data: Number of examples (spares a counting pass).
         batch_size_fn: ``X ↦ N`` for mapping inputs.
         compute: Compute the factors at construction (one pass over ``data``); with ``False``
@@ -147,7 +149,7 @@ class KFAC(LinearOperator):
         self.loss, self.model = loss, model
         self.fisher, self.mc_samples, self.approx = fisher, mc_samples, approx
         self.separate_bias, self.other, self.seed = separate_bias, other, seed
-        self._check = check_deterministic
+        self._check = check_deterministic  # the gradient-coverage check, until it passes once
         first = next(iter(selected.values()))
         P = sum(p.numel() for p in selected.values())
         super().__init__((P, P), dtype=first.dtype, device=first.device,
@@ -226,6 +228,7 @@ class KFAC(LinearOperator):
                 a_list = [fp.layer_inputs(p, ones=False) if p.is_kron else None
                           for p in fp.layers]
                 fp.verify(out, V_check[0], a_list)
+                self._check = False  # the wiring is checked: a recompute skips the extra backward
                 del a_list
             acc: list[list[Tensor] | None] = [None] * len(fp.layers)
             for k in range(V.shape[0]):
