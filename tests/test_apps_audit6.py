@@ -6,19 +6,18 @@ report's loss and gradient under torch.distributed."""
 import functools
 import json
 import math
-import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from curvkit.apps.report import ReportOptions, _loss_and_gradient, curvature_report
 from curvkit.cli import main
 from curvkit.cli._load import resolve_device
 from report_plots import plotted_axes
+from two_processes import run_two_processes
 
 FAST = ["--top-k", "2", "--num-matvecs", "4", "--no-progress"]
 
@@ -270,12 +269,6 @@ def test_train_repeated_method_is_a_clear_error(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- distributed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _problem():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
@@ -284,10 +277,10 @@ def _problem():
     return model, [(X[:2], y[:2]), (X[2:5], y[2:5]), (X[5:], y[5:])]
 
 
-def _worker(rank, port, path):
+def _worker(rank, init_method, path):
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         model, data = _problem()
         shard = data[:2] if rank == 0 else data[2:]  # unequal shards: 5 and 4 examples
@@ -297,7 +290,7 @@ def _worker(rank, port, path):
 
 
 def test_report_loss_and_gradient_under_torch_distributed_are_of_all_shards(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_two_processes(_worker, str(tmp_path))
     model, data = _problem()
     expected = _loss_and_gradient(model, nn.CrossEntropyLoss(), data)
     for rank in range(2):

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from curvkit.curvature import GGN, FisherMC, Hessian, Jacobian
 from curvkit.curvature.symmetry import sequential_symmetries
+from two_processes import run_two_processes
 
 
 def _mlp():
@@ -124,14 +125,14 @@ def test_params_may_be_any_iterable_as_in_torch_optim():
     torch.testing.assert_close(_dense(Hb), _dense(Hessian(model, loss_fn, data, blocks="layer")))
 
 
-def _count_worker(rank, port, path):
+def _count_worker(rank, init_method, path):
     import torch.distributed as dist
 
     from curvkit.curvature import DataEngine
     from curvkit.curvature.losses import output_loss
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         model = nn.Linear(1, 1).to(torch.bfloat16)
         n = 130 if rank == 0 else 127  # 257 terms in all: not a bfloat16 number
@@ -145,13 +146,6 @@ def _count_worker(rank, port, path):
 
 
 def test_distributed_count_is_exact_for_low_precision_models(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_count_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    run_two_processes(_count_worker, str(tmp_path))
     for rank in range(2):
         assert torch.load(tmp_path / f"count{rank}.pt") == 257

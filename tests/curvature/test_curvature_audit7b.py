@@ -238,14 +238,16 @@ def test_compiled_and_data_parallel_models(wrap):
     torch.manual_seed(0)
     inner = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
     model = torch.compile(inner) if wrap == "compile" else nn.DataParallel(inner)
+    # (DataParallel moves the module to the GPU where there is exactly one: the data follow)
+    device = next(inner.parameters()).device
     g = torch.Generator().manual_seed(2)
-    data = [(torch.randn(3, 5, generator=g), torch.randint(0, 3, (3,), generator=g)),
-            (torch.randn(2, 5, generator=g), torch.randint(0, 3, (2,), generator=g))]
+    data = [(torch.randn(n, 5, generator=g).to(device),
+             torch.randint(0, 3, (n,), generator=g).to(device)) for n in (3, 2)]
     loss_fn = nn.CrossEntropyLoss()
     G = GGN(model, loss_fn, data)
     prefix = "_orig_mod." if wrap == "compile" else "module."
     assert list(G.params) == [prefix + n for n, _ in inner.named_parameters()]
-    V = _columns(G.shape[1])
+    V = _columns(G.shape[1]).to(device)
     torch.testing.assert_close(G @ V, dense_ggn(inner, loss_fn, data) @ V)
     torch.testing.assert_close(Hessian(model, loss_fn, data) @ V,
                                dense_hessian(inner, loss_fn, data) @ V)

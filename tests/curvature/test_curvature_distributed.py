@@ -1,21 +1,14 @@
 """Two gloo processes, each with its shard, must give the single-process operator of the union."""
 
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from cases import INPUT_SHAPES, MODELS, make_data
 from torch import nn
 
 from curvkit.curvature import GGN, EmpiricalFisher, Hessian, Jacobian
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from two_processes import run_two_processes
 
 
 def _setup(loss_name):
@@ -40,10 +33,10 @@ def _products(model, loss_fn, data, V):
 LOSSES = ("ce", "mse")
 
 
-def _worker(rank, port, path):
+def _worker(rank, init_method, path):
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         for loss_name in LOSSES:
             model, loss_fn, _, shards, V = _setup(loss_name)
@@ -59,7 +52,7 @@ def _worker(rank, port, path):
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     path = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_worker, args=(_free_port(), str(path)), nprocs=2, join=True)
+    run_two_processes(_worker, str(path))
     return path
 
 

@@ -4,11 +4,11 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from curvkit.curvature.ekfac import EKFAC
 from curvkit.curvature.kfac import KFAC
+from two_processes import run_two_processes
 
 
 def make_model():
@@ -35,11 +35,10 @@ CASES = {
 }
 
 
-def worker(rank, world_size, init_file, out_dir):
+def worker(rank, init_method, out_dir):
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         data = make_data()
         shard = [data[0], data[2]] if rank == 0 else [data[1]]
@@ -50,8 +49,7 @@ def worker(rank, world_size, init_file, out_dir):
 
 
 def test_two_gloo_processes_equal_single_process(tmp_path):
-    mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                       join=True, start_method="fork")
+    run_two_processes(worker, str(tmp_path))
     data = make_data()
     for name, (cls, kw) in CASES.items():
         expected = dense(cls, data, **kw)

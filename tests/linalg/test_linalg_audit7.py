@@ -1,7 +1,7 @@
 """Seventh audit of curvkit.linalg: each test failed before its fix."""
 
 import math
-from contextlib import nullcontext
+import warnings
 
 import pytest
 import torch
@@ -25,29 +25,31 @@ def _graded(n: int, cond: float, *, indefinite: bool, seed: int):
 
 
 @pytest.mark.parametrize(
-    "solver, cond, indefinite, rtol, expect_converged",
-    [
-        (minres, 1e4, False, 1e-3, True),  # the recurrence claimed 1e-3 at a true 2.1e-3
-        (minres, 1e3, True, 1e-4, True),  # indefinite: claimed at a true 1.3e-4
-        (minres, 1e5, False, 1e-4, False),  # claimed at a true 0.14: out of float32's reach
-        (cg, 1e4, False, 1e-4, True),  # the updated residual claimed 1e-4 at a true 2.2e-4
-        (cg, 1e5, False, 1e-3, False),  # claimed at a true 3e-3
+    "solver, cond, indefinite, rtol",
+    [  # before the check, the recurrences claimed convergence at the true residuals noted;
+        # with it, on the reference CPU, the first, second and fourth converge and the others
+        # are reported as not converged (another CPU's round-off may decide a case otherwise)
+        (minres, 1e4, False, 1e-3),  # claimed 1e-3 at a true 2.1e-3
+        (minres, 1e3, True, 1e-4),  # indefinite: claimed at a true 1.3e-4
+        (minres, 1e5, False, 1e-4),  # claimed at a true 0.14: out of float32's reach
+        (cg, 1e4, False, 1e-4),  # the updated residual claimed 1e-4 at a true 2.2e-4
+        (cg, 1e5, False, 1e-3),  # claimed at a true 3e-3
     ],
 )
-def test_krylov_float32_convergence_rests_on_the_true_residual(solver, cond, indefinite, rtol,
-                                                                expect_converged):
+def test_krylov_float32_convergence_rests_on_the_true_residual(solver, cond, indefinite, rtol):
     A32, A64, b = _graded(100, cond, indefinite=indefinite, seed=3)
-    # (filterwarnings=error makes an unexpected ConvergenceWarning fail the converged cases)
-    with nullcontext() if expect_converged else pytest.warns(ConvergenceWarning):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
         info = solver(Dense(A32, symmetric=True), b, rtol=rtol, max_iter=2000,
                       on_failure="warn", return_info=True)
+    warned = any(issubclass(w.category, ConvergenceWarning) for w in caught)
     true = (b.double() - A64 @ info.x.double()).norm().item()  # float64, independent of the solver
     thresh = rtol * b.double().norm().item()
-    assert info.converged is expect_converged
-    if expect_converged:
+    assert warned is not info.converged
+    if info.converged:
         assert true <= 1.02 * thresh  # (float32 rounding of the check itself)
     else:
-        assert true > thresh
+        assert true > 0.98 * thresh
     # residual_norm is the true residual (computed in float32), not the drifted recurrence
     assert abs(info.residual_norm.item() - true) <= 0.2 * true
 

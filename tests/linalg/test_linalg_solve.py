@@ -149,8 +149,10 @@ def test_minres_solves_indefinite_systems():
     op = CountingOperator(Dense(A, symmetric=True))
     info = minres(op, B, rtol=1e-11, return_info=True)
     torch.testing.assert_close(info.x, torch.linalg.solve(A, B))
-    assert info.iterations == 25
-    assert op.calls == info.iterations + 1  # one batched product checks the true residuals
+    # 25 here, as in exact arithmetic (25 eigenvalues); another CPU's round-off may add one,
+    # and a restart after a missed true-residual check one more product
+    assert 25 <= info.iterations <= 26
+    assert op.calls - info.iterations in (1, 2)  # one batched product checks the true residuals
     torch.testing.assert_close(
         info.residual_norm, (B - A @ info.x).norm(dim=0), rtol=1e-3, atol=1e-10
     )

@@ -2,10 +2,10 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from curvkit.optim import SOAP, KLShampoo, Muon, Shampoo
+from two_processes import run_two_processes
 
 
 def make_model():
@@ -35,11 +35,10 @@ def train(name, steps=5):
     return [p.detach().clone() for p in model.parameters()], owned
 
 
-def worker(rank, world_size, init_file, out_dir):
+def worker(rank, init_method, out_dir):
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         results = {name: train(name) for name in OPTIMIZERS}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -48,8 +47,7 @@ def worker(rank, world_size, init_file, out_dir):
 
 
 def test_two_gloo_processes_equal_single_process(tmp_path):
-    mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                       join=True, start_method="fork")
+    run_two_processes(worker, str(tmp_path))
     for name in OPTIMIZERS:
         expected, owned_all = train(name)
         assert owned_all == 6

@@ -6,11 +6,11 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from curvkit.optim.spectral import SpectralShampoo
 from curvkit.optim.symmetry_precond import Symo
+from two_processes import run_two_processes
 
 BUILDERS = {
     "spectral_kl": lambda p: SpectralShampoo(p, lr=1e-2),
@@ -34,11 +34,10 @@ def run(name, steps=4):
     return [p.detach().clone() for p in model.parameters()], holding
 
 
-def _worker(rank, world_size, init_file, out_dir):
+def _worker(rank, init_method, out_dir):
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         torch.save({name: run(name) for name in BUILDERS}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
@@ -46,8 +45,7 @@ def _worker(rank, world_size, init_file, out_dir):
 
 
 def test_two_processes_match_one_and_split_the_state(tmp_path):
-    mp.start_processes(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
-                       join=True, start_method="fork")
+    run_two_processes(_worker, str(tmp_path))
     for name in BUILDERS:
         expected, holding = run(name)
         assert holding == 6
