@@ -80,9 +80,7 @@ class EKFAC(KFAC):
         if not kron:  # only norm and other blocks: nothing to correct
             return
         fp = self._make_pass(per_example=True)
-        fp.check = False
-        # found by the factor pass: no second search
-        fp.shared_paths, fp.unbatched_paths = self._shared_paths, self._unbatched_paths
+        fp.check = False  # (the wiring found by the factor pass: no second probe either)
         gen = self._generator()  # the same labels as the factor pass
 
         warned = False

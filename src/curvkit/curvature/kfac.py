@@ -170,9 +170,14 @@ class KFAC(LinearOperator):
     def _make_pass(self, *, per_example: bool = False) -> FactorPass:
         layers, others = plan_layers(self.model, self.engine.params,
                                      separate_bias=self.separate_bias)
-        return FactorPass(self.engine, layers, others, fisher=self.fisher,
-                          mc_samples=self.mc_samples, approx=self.approx, other=self.other,
-                          check=self._check, per_example=per_example)
+        fp = FactorPass(self.engine, layers, others, fisher=self.fisher,
+                        mc_samples=self.mc_samples, approx=self.approx, other=self.other,
+                        check=self._check, per_example=per_example)
+        # The model's wiring (inputs shared by all examples, sequence-first layers) as the
+        # first compute() found it: a recompute runs no probe forward
+        fp.shared_paths = getattr(self, "_shared_paths", None)
+        fp.unbatched_paths = getattr(self, "_unbatched_paths", [])
+        return fp
 
     def _generator(self) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(self.seed)

@@ -1,8 +1,10 @@
-"""KFAC's checks of targets and weights, read in one device synchronisation after the pass.
+"""What a KFAC compute pays for beyond the factors, and what a recompute skips.
 
 The factor pass counts loss terms and checks class indices and example weights on their
 device; the answers are read together once the pass is over (on an accelerator, each read
 stalls the launch queue). The errors must be the same as when they were read per batch.
+The checks of the model's wiring (gradient coverage, the one-example probe for shared
+inputs) run at the first compute only.
 """
 
 import pytest
@@ -107,3 +109,31 @@ def test_the_wiring_is_verified_at_the_first_compute_only(monkeypatch):
     torch.testing.assert_close(op.to_dense(), before)
     assert len(KFAC(mlp(), nn.CrossEntropyLoss(), data, check_deterministic=False).factors)
     assert len(calls) == 1
+
+
+def test_the_shared_input_probe_runs_at_the_first_compute_only(monkeypatch):
+    from curvkit.curvature import kfac_pass
+
+    class Positional(nn.Module):  # a table row added to every example: a shared input
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(3, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(x + self.table(torch.arange(3)).sum(0))
+
+    probes = []
+    probe_inputs = kfac_pass._probe_inputs
+    monkeypatch.setattr(kfac_pass, "_probe_inputs",
+                        lambda batch: probes.append(1) or probe_inputs(batch))
+    torch.manual_seed(0)
+    model = Positional().double()
+    data = [(x.double(), y) for x, y in class_data((4,), 3, sizes=(3, 4))]
+    op = KFAC(model, nn.CrossEntropyLoss(), data)
+    assert probes == [1]
+    assert "table.weight" in op.others  # its gradient sums over the examples: no Kronecker
+    before = op.to_dense()
+    op.compute()
+    assert probes == [1]
+    torch.testing.assert_close(op.to_dense(), before)
