@@ -412,6 +412,34 @@ def test_kfac_weights_on_cpu_with_data_on_device(device):
     check_products(KFAC(m_c, l_c, d_c), KFAC(m_d, l_d, d_d), device)
 
 
+def count_syncs(fn) -> list[str]:
+    """Where ``fn()`` synchronised the CUDA device with the host (file:line of each)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
+@pytest.mark.parametrize("op", [GGN, FisherMC])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_output_space_products_read_the_device_once(op, loss, device):
+    """The GGN and the MC Fisher never index with the targets: their checks and the term
+    count of all batches are read in one synchronisation per product."""
+    if device.type != "cuda":
+        pytest.skip("counts CUDA synchronisations (torch.cuda.set_sync_debug_mode)")
+    _, (model, loss_fn, data) = twins(*kfac_mlp(loss), device)
+    A = op(model, loss_fn, data)
+    V = torch.randn(A.shape[1], 2, dtype=torch.float64, device=device)
+    for product in (lambda: A @ V, lambda: A @ V[:, 0]):
+        syncs = count_syncs(product)
+        assert len(syncs) <= 1, syncs
+
+
 @pytest.mark.parametrize("build,fisher", [(kfac_mlp, "type2"), (kfac_mlp, "mc"),
                                            (kfac_weighted, "type2")])
 def test_kfac_compute_reads_the_device_twice(build, fisher, device):
@@ -421,15 +449,7 @@ def test_kfac_compute_reads_the_device_twice(build, fisher, device):
         pytest.skip("counts CUDA synchronisations (torch.cuda.set_sync_debug_mode)")
     _, (model, loss_fn, data) = twins(*build(), device)
     op = KFAC(model, loss_fn, data, fisher=fisher)  # the first pass plans the layers
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            op.compute()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    syncs = count_syncs(op.compute)
     assert len(syncs) <= 2, syncs
 
 

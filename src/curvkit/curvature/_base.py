@@ -106,6 +106,10 @@ class CurvatureOperator(LinearOperator):
     is_symmetric = True
     _analytic = True  # needs a closed-form output Hessian (the GGN family)
     _allow_weights = False
+    # The targets' checks (and term count) may be read once after a pass, not per batch, where
+    # the products never index with the targets: an index out of range would be a device-side
+    # assert on a GPU, not an error (the loss's own gradient, as in the Hessian, indexes).
+    _defer_target_checks = False
 
     def __new__(cls, *args, blocks=None, **kwargs):
         if blocks is None:
@@ -164,7 +168,8 @@ class CurvatureOperator(LinearOperator):
         k = X.shape[1]
         V = split_columns(X, self.engine.params)
         parts = self.engine.reduce_over_data(lambda b: self._batch_matmat(b, V),
-                                             desc=f"{type(self).__name__} @ ({k} columns)")
+                                             desc=f"{type(self).__name__} @ ({k} columns)",
+                                             defer_checks=self._defer_target_checks)
         return join_columns(parts, k)
 
     def _numel(self) -> int:

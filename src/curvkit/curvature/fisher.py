@@ -45,6 +45,8 @@ class FisherMC(OutputSpaceCurvature):
         >>> F.resample()     # a new draw; F @ v changes, reproducibly
     """
 
+    _defer_target_checks = True  # labels are drawn; targets only mask ignored terms
+
     def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Iterable, params=None, *,
                  mc_samples: int = 1, seed: int = DEFAULT_SEED, progress: bool = False,
                  check_deterministic: bool = True, num_data: int | None = None,

@@ -160,7 +160,8 @@ class OutputSpaceCurvature(CurvatureOperator):
             d = vmap(per_example, chunk_size=chunk)(batch.X, S)
             return [t.sum(0) for t in d.values()]
 
-        parts = self.engine.reduce_over_data(per_batch, desc=f"{type(self).__name__}.diagonal")
+        parts = self.engine.reduce_over_data(per_batch, desc=f"{type(self).__name__}.diagonal",
+                                             defer_checks=self._defer_target_checks)
         return torch.cat([p.reshape(-1) for p in parts])
 
 
@@ -193,6 +194,8 @@ class GGN(OutputSpaceCurvature):
         >>> G @ torch.randn(G.shape[1], 16)   # 16 columns, batched in memory-sized chunks
         >>> G.diagonal()                      # exact, (P,)
     """
+
+    _defer_target_checks = True  # targets only mask ignored terms (class weights check first)
 
     def _middle(self, batch, output):
         return self.loss.hessian_product(output, batch.y)
