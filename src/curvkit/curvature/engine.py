@@ -478,11 +478,11 @@ class DataEngine:
                 is still counted: ``loss_scale()`` gives the factor) for callers that scale
                 only some parts, sparing a pass over the others (KFAC's input factors are
                 divided by their own count anyway).
-            defer_checks: Count the terms and check the targets on their device and read all
-                batches' answers in one synchronisation after the pass, instead of one per
-                batch (an accelerator's launch queue stalls at each). Only for ``fn`` that
-                never index with the targets: until then, out-of-range class indices are
-                not yet refused.
+            defer_checks: Check the targets on their device and read all batches' answers
+                after the pass, with the term count (always summed where it is counted and
+                read once), instead of one synchronisation per batch (an accelerator's launch
+                queue stalls at each). Only for ``fn`` that never index with the targets:
+                until the end of the pass, out-of-range class indices are not yet refused.
 
         Returns:
             The summed tensors times ``1/T`` (mean) or 1 (sum); ``T`` is counted in the same pass.
@@ -494,7 +494,7 @@ class DataEngine:
             self.loss.pending = pending
         try:
             with self.context() if math_sdpa else contextlib.nullcontext():
-                for batch in self.batches(desc, lazy_count=pending is not None):
+                for batch in self.batches(desc, lazy_count=True):  # (no fn reads batch.count)
                     parts = fn(batch)
                     if totals is None:
                         totals = parts
