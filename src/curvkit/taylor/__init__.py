@@ -10,7 +10,14 @@ Supported operators (anything else raises ``NotImplementedError`` naming the ATe
 ``gelu`` (exact and ``approximate="tanh"``), ``silu``, ``mish``, ``elu``/``selu``/``celu`` (smooth
 branches; at the kink the left slope and zero higher derivatives, as torch's autograd), the
 piecewise-linear ``relu``, ``leaky_relu``, ``abs``, ``hardtanh``, ``clamp`` (zero higher
-derivatives away from kinks), ``softmax``/``log_softmax`` along any dim, ``batch_norm`` in eval
+derivatives away from kinks), ``hardswish``, ``hardsigmoid``, ``softshrink``/``hardshrink``,
+``frac``, ``clamp_min``/``clamp_max`` and ``maximum``/``minimum`` (tied operands share the jet, as
+in torch's autograd), ``tan``, ``sinh``, ``cosh``, ``atan``/``asin``/``acos``,
+``asinh``/``acosh``/``atanh``, ``exp2``, ``log2``, ``log10``, ``sinc``, ``logit``, ``atan2``,
+``hypot``, ``logaddexp``, ``addcmul``/``addcdiv``, ``lerp``, ``linalg_vector_norm`` of any order
+(``F.normalize``, ``cosine_similarity``), ``cumsum``, ``roll``, ``repeat``, ``gather``,
+``masked_fill``, ``tril``/``triu``, ``diagonal``/``diag_embed``/``trace``, ``unfold``,
+``F.pad``, ``baddbmm``, ``sort``/``topk``/``cummax``/``cummin``, ``softmax``/``log_softmax`` along any dim, ``batch_norm`` in eval
 mode, ``layer_norm`` (``nn.LayerNorm``, with or without affine, over any number of last dims),
 ``nn.RMSNorm``, ``group_norm``, ``scaled_dot_product_attention`` (CPU kernel and math path:
 ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``; no dropout), ``sum``, ``mean``,

@@ -405,5 +405,5 @@ PRIMAL_ONLY = {
     aten.round.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
     aten.empty_like.default, aten.new_zeros.default, aten.new_ones.default,
     aten.new_full.default, aten.new_empty.default, aten.argmax.default, aten.argmin.default,
-    aten.isnan.default, aten.isinf.default, aten.sym_size.int,
+    aten.isnan.default, aten.isinf.default, aten.sym_size.int, aten.trunc.default,
 }

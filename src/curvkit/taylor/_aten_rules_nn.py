@@ -469,3 +469,7 @@ def _extremum_dim(reduce):
 
 RULES[aten.max.dim] = _extremum_dim(torch.max)
 RULES[aten.min.dim] = _extremum_dim(torch.min)
+
+
+# the remaining elementwise/piecewise functions, norms and structural maps register themselves
+from curvkit.taylor import _aten_rules_math, _aten_rules_shape  # noqa: E402, F401
