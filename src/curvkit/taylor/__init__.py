@@ -18,7 +18,8 @@ in torch's autograd), ``tan``, ``sinh``, ``cosh``, ``atan``/``asin``/``acos``,
 (``F.normalize``, ``cosine_similarity``), ``cumsum``, ``roll``, ``repeat``, ``gather``,
 ``masked_fill``, ``tril``/``triu``, ``diagonal``/``diag_embed``/``trace``, ``unfold``,
 ``F.pad``, ``baddbmm``, ``sort``/``topk``/``cummax``/``cummin``, ``softmax``/``log_softmax``
-along any dim, ``batch_norm`` in eval mode, ``layer_norm`` (``nn.LayerNorm``, with or without affine, over any number of last dims),
+along any dim, ``batch_norm`` in eval mode, ``layer_norm`` (``nn.LayerNorm``, with or without
+affine, over any number of last dims),
 ``nn.RMSNorm``, ``group_norm``, ``scaled_dot_product_attention`` (CPU kernel and math path:
 ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``; no dropout), ``sum``, ``mean``,
 ``prod``, ``logsumexp``, ``var``/``std`` (and ``var_mean``/``std_mean``),
