@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
+from torch.utils._pytree import tree_map
 
 from curvkit.curvature._base import (
     COLUMN_BUDGET_BYTES,
@@ -17,6 +19,7 @@ from curvkit.curvature._base import (
     grad_columns,
 )
 from curvkit.curvature.engine import Batch
+from curvkit.curvature.kfac_other import looped_other_gradients, vmap_unsafe_modules
 
 __all__ = ["GGN", "OutputSpaceCurvature"]
 
@@ -136,12 +139,17 @@ class OutputSpaceCurvature(CurvatureOperator):
             )
         params = self._detached()
         loss = self.loss
+        # torch.func.vmap over examples cannot batch recurrent layers and batches PReLU wrongly
+        # (silently, up to 20 % off): those models take a loop over the examples
+        looped = bool(vmap_unsafe_modules(self.engine.model))
 
         def per_batch(batch: Batch) -> list[Tensor]:
             out = self._output(batch, params).detach()
             S = self._factor(batch, out)  # (N, T, C, K)
             N, T, C, K = S.shape
             eye = torch.eye(T, dtype=S.dtype, device=S.device)
+            if looped:
+                return self._looped_diagonal(batch, out, S)
 
             def per_example(x, s):  # x: one example; s: (T, C, K)
                 def f1(p):
@@ -163,6 +171,31 @@ class OutputSpaceCurvature(CurvatureOperator):
         parts = self.engine.reduce_over_data(per_batch, desc=f"{type(self).__name__}.diagonal",
                                              defer_checks=self._defer_target_checks)
         return torch.cat([p.reshape(-1) for p in parts])
+
+    def _looped_diagonal(self, batch: Batch, out: Tensor, S: Tensor) -> list[Tensor]:
+        """The batch's diagonal terms by plain autograd, one example at a time.
+
+        ``out``: the batch's output; ``S``: its factor ``(N, T, C, K)``. The ``T·K`` columns of
+        each example are backpropagated as in ``looped_other_gradients``, over chunks of
+        examples that bound the per-example gradients held at once.
+        """
+        N, T, C, K = S.shape
+        eye = torch.eye(T, dtype=S.dtype, device=S.device)
+        # column (t, k) of example n: S[n, t, :, k] at term t, in the output's layout
+        Z = torch.einsum("ntck,ts->tknsc", S, eye).reshape(T * K, N, T, C)
+        V = torch.stack([self.loss.from_terms(z, out.shape) for z in Z])  # (T·K, *out.shape)
+        names = list(self.engine.params)
+        total = [torch.zeros_like(p) for p in self.engine.params.values()]
+        step = max(1, _DIAGONAL_CHUNK_ENTRIES // (T * K * self._numel()))
+        for start in range(0, N, step):
+            rows = slice(start, min(N, start + step))
+            part = dataclasses.replace(batch, batch_size=rows.stop - start, X=tree_map(
+                lambda t, rows=rows: t[rows], batch.X))
+            U = looped_other_gradients(self.engine, part, V[:, rows], names,
+                                       tree_map(lambda t: 0, batch.X))
+            for acc, name in zip(total, names):
+                acc += U[name].square().sum((0, 1)).reshape(acc.shape)
+        return total
 
 
 class GGN(OutputSpaceCurvature):
