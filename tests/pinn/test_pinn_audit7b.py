@@ -124,24 +124,24 @@ def test_linear_pde_takes_variable_coefficients():
         linearize(model, bad, batch)
 
 
-class _Cumsum(nn.Module):
+class _Cumprod(nn.Module):  # an op without a Taylor rule (cumsum has one now)
     def forward(self, x):
-        return torch.cumsum(x, -1)
+        return torch.cumprod(x, -1)
 
 
 def test_an_operation_without_a_taylor_rule_is_named_with_the_caller(tmp_path):
     # The general path built its operator with curvkit.taylor.laplacian, so a step of ENGD on a
     # model with an unsupported op said "laplacian: no Taylor-mode rule ...".
     torch.manual_seed(10)  # test-only: nn.Linear draws from the global RNG
-    model = nn.Sequential(nn.Linear(2, 3), _Cumsum(), nn.Linear(3, 1))
+    model = nn.Sequential(nn.Linear(2, 3), _Cumprod(), nn.Linear(3, 1))
     problem = poisson(2)
     batch = problem.sample(3, 2, generator=torch.Generator().manual_seed(11))
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(NotImplementedError, match=r"^linearize: no Taylor-mode rule for ATen "
-                                                  r"operator 'aten.cumsum.default'"):
+                                                  r"operator 'aten.cumprod.default'"):
         ENGDWoodbury(model, problem).step(batch)
     # train fails at its first evaluation, before any step or checkpoint
-    with pytest.raises(NotImplementedError, match=r"^derivatives: .*'aten.cumsum.default'"):
+    with pytest.raises(NotImplementedError, match=r"^derivatives: .*'aten.cumprod.default'"):
         train(problem, model, "spring", steps=2, num_interior=3, num_boundary=2,
               checkpoint=tmp_path / "c.pt")
     assert not (tmp_path / "c.pt").exists()
