@@ -173,9 +173,8 @@ class EKFAC(KFAC):
                 b.data = (f["QA"][0], f["QG"][0], f["EW"].reshape(-1))
             elif role == "W":
                 b.data = (f["QG"][j], f["QA"][j], f["EW"][j].reshape(-1))
-            else:
-                one = torch.ones(1, 1, dtype=f["QG"].dtype, device=f["QG"].device)
-                b.data = (f["QG"][j], one, f["Eb"][j])
+            else:  # KFAC's block (G_j, [[1]]): its 1x1 factor is the bias's basis too
+                b.data = (f["QG"][j], b.data[1], f["Eb"][j])
             b.kind = "eigen"
         return blocks
 

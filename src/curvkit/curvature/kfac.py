@@ -30,10 +30,10 @@ References:
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -51,6 +51,7 @@ from curvkit.curvature.kfac_pass import (
     type2_positions,
 )
 from curvkit.curvature.kfac_state import LayerSpec, check_state
+from curvkit.curvature.kfac_verify import check_layers
 from curvkit.curvature.losses import output_loss
 from curvkit.linalg import LinearOperator
 
@@ -137,8 +138,9 @@ class KFAC(LinearOperator):
         selected = resolve_params(model, params, name)
         # Refuse tied weights and layers without a block before any forward pass (the data
         # engine's determinism check runs two): an Embedding's max_norm would already have
-        # rewritten the weight by then.
-        plan_layers(model, selected, separate_bias=separate_bias)
+        # rewritten the weight by then. The plan is kept: every pass starts from a copy of it
+        # (no walk over the model's modules per compute).
+        self._plan = plan_layers(model, selected, separate_bias=separate_bias)
         # With compute=False nothing reads the data yet: the determinism check (two passes)
         # waits for the first compute(), so the data may still be in the making.
         self.engine = DataEngine(model, loss, data, selected, caller=name, progress=progress,
@@ -154,6 +156,7 @@ class KFAC(LinearOperator):
         P = sum(p.numel() for p in selected.values())
         super().__init__((P, P), dtype=first.dtype, device=first.device,
                          in_shapes=[p.shape for p in selected.values()])
+        self._param_offsets = self._offsets()
         self.specs: list[LayerSpec] = []
         self.others: list[str] = []
         self.factors: dict[str, dict[str, Tensor]] = {}
@@ -168,9 +171,9 @@ class KFAC(LinearOperator):
 
     # ------------------------------------------------------------------ the data pass
     def _make_pass(self, *, per_example: bool = False) -> FactorPass:
-        layers, others = plan_layers(self.model, self.engine.params,
-                                     separate_bias=self.separate_bias)
-        fp = FactorPass(self.engine, layers, others, fisher=self.fisher,
+        # Fresh plans (a pass records its calls in them and prunes its own lists)
+        layers = [replace(p, calls=[]) for p in self._plan[0]]
+        fp = FactorPass(self.engine, layers, list(self._plan[1]), fisher=self.fisher,
                         mc_samples=self.mc_samples, approx=self.approx, other=self.other,
                         check=self._check, per_example=per_example)
         # The model's wiring (inputs shared by all examples, sequence-first layers) as the
@@ -281,8 +284,8 @@ class KFAC(LinearOperator):
         aligned width).
         """
         w = batch.weights
-        if w is not None:  # validated in FactorPass.forward
-            w = w.to(dtype=self.dtype, device=self.device)
+        if w is not None and (w.dtype != self.dtype or w.device != self.device):
+            w = w.to(dtype=self.dtype, device=self.device)  # validated in FactorPass.forward
         N = batch.batch_size
         if self.approx == "reduce":
             a = fp.layer_inputs(plan, ones=False).mean(dim=1, keepdim=True)
@@ -310,8 +313,8 @@ class KFAC(LinearOperator):
         # model, (N·T, C, H, W) folded frames). Weights need batch-first inputs, so there the
         # rows are N·S and the total is Σ w · S. (Empty batches never get here.)
         # (torch.full fills on the device; new_tensor would copy from the host and sync)
-        total = (torch.full((), float(rows), dtype=A.dtype, device=A.device) if w is None
-                 else w.sum() * (rows // N))
+        total = (torch.full((1,), float(rows), dtype=A.dtype, device=A.device) if w is None
+                 else (w.sum() * (rows // N)).reshape(1))
         if plan.joint:
             d = A.shape[-1]
             joint = A.new_empty(A.shape[0], d + 1, d + 1)
@@ -320,7 +323,7 @@ class KFAC(LinearOperator):
             joint[:, d, :d] = side
             joint[:, d, d] = total
             A = joint
-        return [A, total.reshape(1)]
+        return [A, total]
 
     def _output_factor(self, fp: FactorPass, plan: LayerPlan, grads: list[Tensor]) -> list[Tensor]:
         if plan.is_kron:
@@ -347,35 +350,40 @@ class KFAC(LinearOperator):
         ``scale`` (``1/T`` or 1) normalises the Grams of backpropagated vectors; the input
         factors are means over their own rows.
         """
-
-        def scaled(t: Tensor) -> Tensor:
-            return t if scale == 1.0 else t.mul_(scale)
-
         self.specs = [LayerSpec.of(p) for p in fp.layers]
         self.others = list(fp.others)
         self._shared_paths, self._unbatched_paths = fp.shared_paths, fp.unbatched_paths
-        self.factors = {}
+        factors: dict[str, dict[str, Tensor]] = {}
         it = iter(totals)
-        checks = []  # per Kronecker layer: (its weight count, its factors' diagonal sum)
+        kron = []  # per Kronecker layer: (plan, spec, its weight count)
+        scaled = []  # the Grams of backpropagated vectors (the pass's own tensors)
         for plan, spec in zip(fp.layers, self.specs):
             if spec.kind == "kron":
                 A_sum, count, G = next(it), next(it), next(it)
-                A, G = A_sum.div_(count), scaled(G)  # the pass's own tensors
-                # Both are Grams (PSD): |X_ij| <= sqrt(X_ii X_jj) bounds every entry by the
-                # diagonal, and a NaN or inf in the vectors reaches the diagonal, so the
-                # diagonal's sum tells whether the whole factor is finite (d, not d², reads).
-                checks.append((spec.path, count.reshape(()), _diagonal_sum(A) + _diagonal_sum(G)))
-                if self.fisher == "forward_only":
-                    d_out = self._d_out(plan.module, spec, A.shape[0])
-                    G = torch.eye(d_out, dtype=A.dtype, device=A.device).expand(
-                        A.shape[0], d_out, d_out).clone()
-                self.factors[spec.path] = {"A": A, "G": G}
+                factors[spec.path] = {"A": A_sum.div_(count), "G": G}
+                kron.append((plan, spec, count))
+                scaled.append(G)
             else:
-                self.factors[spec.path] = {r: scaled(next(it)) for r in
-                                           (("joint",) if spec.joint else plan.roles)}
-        _check_layers(checks)
+                factors[spec.path] = {r: next(it) for r in
+                                      (("joint",) if spec.joint else plan.roles)}
+                scaled += factors[spec.path].values()
         for name in self.others:
-            self.factors[name] = {self.other: scaled(next(it))}
+            factors[name] = {self.other: next(it)}
+            scaled.append(factors[name][self.other])
+        if scale != 1.0 and scaled:
+            torch._foreach_mul_(scaled, scale)  # one call: as t.mul_(scale) per tensor
+        # Both are Grams (PSD): |X_ij| <= sqrt(X_ii X_jj) bounds every entry by the diagonal,
+        # and a NaN or inf in the vectors reaches the diagonal, so the diagonal's sum tells
+        # whether the whole factor is finite (d, not d², reads).
+        check_layers([(spec.path, count, factors[spec.path]["A"], factors[spec.path]["G"])
+                       for _, spec, count in kron])
+        if self.fisher == "forward_only":
+            for plan, spec, _ in kron:
+                A = factors[spec.path]["A"]
+                d_out = self._d_out(plan.module, spec, A.shape[0])
+                factors[spec.path]["G"] = torch.eye(d_out, dtype=A.dtype, device=A.device).expand(
+                    A.shape[0], d_out, d_out).clone()
+        self.factors = factors
         self._build()
 
     def _d_out(self, module: nn.Module, spec: LayerSpec, groups: int) -> int:
@@ -386,12 +394,13 @@ class KFAC(LinearOperator):
         return out_features // groups
 
     # ------------------------------------------------------------------ blocks
-    def _offsets(self) -> dict[str, int]:
-        offsets, start = {}, 0
+    def _offsets(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Each parameter's offset in the flat ``params`` order and its size."""
+        offsets, sizes, start = {}, {}, 0
         for n, p in self.engine.params.items():
-            offsets[n] = start
-            start += p.numel()
-        return offsets
+            offsets[n], sizes[n] = start, p.numel()
+            start += sizes[n]
+        return offsets, sizes
 
     def _blocks(self) -> list[Block]:
         """The blocks in canonical order, each with its entries' positions in ``params`` order.
@@ -399,7 +408,7 @@ class KFAC(LinearOperator):
         Positions are a ``slice`` where the block is contiguous in ``params`` order (no gather
         needed) and an index tensor where it interleaves (a joint ``[W | b]``).
         """
-        off, sizes = self._offsets(), {n: p.numel() for n, p in self.engine.params.items()}
+        off, sizes = self._param_offsets  # (fixed with the parameters: found once)
         dev = self.device
 
         def span(name, start=0, count=None):
@@ -411,7 +420,7 @@ class KFAC(LinearOperator):
             return torch.cat([torch.arange(s.start, s.stop, device=dev)
                               for s in (span(first), span(second))])
 
-        blocks = []
+        blocks, one = [], None
         for spec in self.specs:
             f = self.factors[spec.path]
             if spec.kind == "norm":
@@ -429,7 +438,7 @@ class KFAC(LinearOperator):
                                     a_pos=0, key=("W", 0)))
                 continue
             groups, d_out = G.shape[0], G.shape[1]
-            one = torch.ones(1, 1, dtype=G.dtype, device=G.device)
+            Gs = G.unbind(0)  # the groups' views, in one call
             if spec.weight is not None:
                 n_w = sizes[spec.weight] // groups
                 if spec.joint:  # rows [W_r | b_r]: W and b runs interleaved row by row
@@ -438,10 +447,13 @@ class KFAC(LinearOperator):
                           for j in range(groups)]
                 else:
                     ix = [span(spec.weight, j * n_w, n_w) for j in range(groups)]
-                blocks += [Block(ix[j], "kron", (G[j], A[j]), spec.path, a_pos=1, key=("W", j))
+                As = A.unbind(0)
+                blocks += [Block(ix[j], "kron", (Gs[j], As[j]), spec.path, a_pos=1, key=("W", j))
                            for j in range(groups)]
             if spec.bias is not None and not spec.joint:
-                blocks += [Block(span(spec.bias, j * d_out, d_out), "kron", (G[j], one),
+                if one is None or one.dtype != G.dtype:  # one for all separate biases
+                    one = torch.ones(1, 1, dtype=G.dtype, device=G.device)
+                blocks += [Block(span(spec.bias, j * d_out, d_out), "kron", (Gs[j], one),
                                  spec.path, a_pos=1, key=("b", j)) for j in range(groups)]
         for n in self.others:
             kind = "diagonal" if "diagonal" in self.factors[n] else "dense"
@@ -591,27 +603,3 @@ class KFAC(LinearOperator):
         d_out = self._d_out(plan.module, spec, groups)
         d_in = weight[0].numel() + spec.joint  # Linear (d_out, d_in), Conv (C_out, C_in/g, *k)
         return {"A": (groups, d_in, d_in), "G": (groups, d_out, d_out)}
-
-
-def _check_layers(checks: list[tuple[str, Tensor, Tensor]]) -> None:
-    """Refuse layers without input weight or with non-finite factors.
-
-    ``checks`` holds per layer ``(path, weight count, diagonal sum)`` as 0-d tensors, read back
-    together: one device synchronisation for the whole model, not two per layer (each stalls
-    an accelerator's launch queue).
-    """
-    if not checks:
-        return
-    values = torch.stack([torch.stack([c, s.to(c.dtype)]) for _, c, s in checks]).tolist()
-    for (path, _, _), (count, diagonal) in zip(checks, values):
-        if not count > 0:  # A is a weighted mean over no weight: 0/0
-            raise ValueError(f"KFAC: layer {path!r} has no input of nonzero weight in the data "
-                             "(the example weights sum to 0); its input factor is undefined.")
-        if not math.isfinite(diagonal):
-            raise ValueError(f"KFAC: the factors of layer {path!r} are not finite; the data, "
-                             "the model's outputs or the loss hold NaN or inf.")
-
-
-def _diagonal_sum(X: Tensor) -> Tensor:
-    """Sum of the diagonals of ``X: (..., d, d)``; a factor placeholder ``(1,)`` as it is."""
-    return X.diagonal(dim1=-2, dim2=-1).sum() if X.ndim >= 2 else X.sum()

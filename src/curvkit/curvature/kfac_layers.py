@@ -59,9 +59,9 @@ def gram_and_side(a: Tensor, w: Tensor | None, side: bool, gram_fn=None
 
 def grouped_gram(t: Tensor) -> Tensor:
     """``Σ_{n,s} t tᵀ`` per group: ``(N, S, groups, d)`` → ``(groups, d, d)``."""
+    if t.shape[2] == 1:  # one symmetric rank-k update (half a matmul) on CPU
+        return gram(t.reshape(-1, t.shape[3])).unsqueeze(0)
     flat = t.reshape(-1, t.shape[2], t.shape[3])
-    if flat.shape[1] == 1:  # one symmetric rank-k update (half a matmul) on CPU
-        return gram(flat[:, 0]).unsqueeze(0)
     return torch.bmm(flat.permute(1, 2, 0), flat.permute(1, 0, 2))
 
 
@@ -194,8 +194,8 @@ def patch_gram(x: Tensor, module: _ConvNd) -> tuple[Tensor, int]:
         part.copy_(windows[i:i + n])
         G = gram(part.reshape(n * S, K * C))
         A = G if A is None else A.add_(G)
-    perm = torch.arange(K * C, device=x.device).reshape(K, C).T.reshape(-1)
-    return A[perm][:, perm], S
+    # rows and columns from (k, c) to the weight's (c, k) order: one copy, no index gathers
+    return A.reshape(K, C, K, C).permute(1, 0, 3, 2).reshape(K * C, K * C), S
 
 
 class ConvRule(KroneckerRule):

@@ -39,6 +39,7 @@ from curvkit.curvature.kfac_layers import (
     batch_statistics_norms,
     rule_for,
 )
+from curvkit.curvature.kfac_verify import verify_coverage
 from curvkit.curvature.losses import OutputLoss
 
 __all__ = ["LayerPlan", "plan_layers", "FactorPass", "type2_positions"]
@@ -269,9 +270,10 @@ class FactorPass:
                 # (``lin(input=x)``, ``rms_norm(x=x)``).
                 x = args[0] if args else next(iter(kwargs.values()))
                 if isinstance(x, Tensor):
-                    x = x.detach()
-                    if x.is_floating_point():
-                        x = x.to(self.dtype)  # no copy unless under autocast
+                    if x.requires_grad:  # (the factors are built outside autograd)
+                        x = x.detach()
+                    if x.is_floating_point() and x.dtype != self.dtype:
+                        x = x.to(self.dtype)  # under autocast
                 plan.calls.append((x, edge))
         return record
 
@@ -433,8 +435,7 @@ class FactorPass:
             raise ValueError(f"KFAC: parameters {self.others} belong to no supported layer "
                              "(Linear, Conv1d/2d/3d, Embedding, LayerNorm, RMSNorm, GroupNorm, "
                              "BatchNorm); pass other='diagonal' or 'dense', or exclude them.")
-        coupling = batch_statistics_norms(self.engine.model)
-        if self.others and coupling:
+        if self.others and (coupling := batch_statistics_norms(self.engine.model)):
             # Each one-example pass would normalise its example by that example's own
             # statistics, not the batch's the factors were computed with.
             raise ValueError(f"KFAC: parameters {self.others} get exact per-example blocks from "
@@ -510,10 +511,10 @@ class FactorPass:
             return [], []
         grads = torch.autograd.grad(out, [*edges, *extra], grad_outputs=v, retain_graph=retain,
                                     allow_unused=True, materialize_grads=True)
-        per_layer, i = [], 0
+        per_layer, i, dtype = [], 0, self.dtype
         for plan in self.layers:
-            per_layer.append([g.to(self.dtype) if cast else g
-                              for g in grads[i:i + len(plan.calls)]])
+            calls = grads[i:i + len(plan.calls)]
+            per_layer.append([g.to(dtype) if cast and g.dtype != dtype else g for g in calls])
             i += len(plan.calls)
         return per_layer, list(grads[len(edges):])
 
@@ -551,61 +552,6 @@ class FactorPass:
         """Raise if the hooked calls do not reproduce a planned parameter's gradient ``Jᵀv``.
 
         ``a_list``: per layer its inputs without the column of ones (``layer_inputs(ones=False)``).
+        See ``kfac_verify.verify_coverage``.
         """
-        names = [n for plan in self.layers for n in (plan.weight, plan.bias) if n is not None]
-        # Each gradient entry is a sum over rows (examples x positions) that autograd and the
-        # rebuild below accumulate in different orders. In float32 over a batch of images they
-        # differ by far more than a fixed rtol (a conv bias over 10⁵ rows: 4e-4 relative), so
-        # the check keeps one example's vector (the largest: a weight may zero others), whose
-        # gradients sum its rows only, and allows the round-off bound of any summation order,
-        # 2 (n + 1) eps Σ|terms| over n terms (Higham, Accuracy and Stability, §4.2), ``bound``
-        # holding Σ|terms| per entry. A tie or a functional reuse adds a whole term of its own.
-        N = v.shape[0]
-        keep = torch.zeros(N, dtype=v.dtype, device=v.device)
-        keep[v.reshape(N, -1).norm(dim=1).argmax()] = 1
-        v = v * keep.reshape(N, *([1] * (v.ndim - 1)))
-        grads, true = self.backward(out, v, [self.params[n] for n in names], retain=True,
-                                    cast=False)
-        # Under autocast a layer's operands and results are rounded to a lower precision: a
-        # few units of it per term (the products still accumulate at the higher precision).
-        eps = {id(plan): max(torch.finfo(g.dtype).eps for g in g_calls)
-               for plan, g_calls in zip(self.layers, grads)}
-        grads = [[g.to(self.dtype) for g in g_calls] for g_calls in grads]
-        true = dict(zip(names, true))
-        for plan, g_calls, a in zip(self.layers, grads, a_list):
-            rebuilt, bound = {}, {}
-            if plan.is_kron:
-                g = self.layer_grads(plan, g_calls)
-                rows = int(g.flatten(2).ne(0).any(-1).sum())  # the rows that add a term
-                if plan.weight is not None and plan.rule.order == "GA":
-                    rebuilt[plan.weight] = torch.einsum("nsgo,nsgi->goi", g, a)
-                    bound[plan.weight] = torch.einsum("nsgo,nsgi->goi", g.abs(), a.abs())
-                elif plan.weight is not None:
-                    rebuilt[plan.weight] = torch.einsum("nsgi,nsgo->io", a, g)
-                    bound[plan.weight] = torch.einsum("nsgi,nsgo->io", a.abs(), g.abs())
-                if plan.bias is not None:
-                    rebuilt[plan.bias] = g.sum(dim=(0, 1))
-                    bound[plan.bias] = g.abs().sum(dim=(0, 1))
-            else:
-                for role, u in self.norm_grads(plan, g_calls).items():
-                    rebuilt[getattr(plan, role)] = u.sum(0)
-                for (x, _), g in zip(plan.calls, g_calls):
-                    for role, u in plan.rule.per_example(plan.module, x, g, plan.roles,
-                                                         magnitude=True).items():
-                        name = getattr(plan, role)
-                        bound[name] = bound[name] + u.sum(0) if name in bound else u.sum(0)
-                numel = true[plan.weight or plan.bias].numel()
-                rows = -(-sum(int(g.ne(0).sum()) for g in g_calls) // numel)
-            for name, r in rebuilt.items():
-                t = true[name]
-                t = (t.to_dense() if t.is_sparse else t).reshape(-1)  # Embedding(sparse=True)
-                tol = 1e-6 * max(1.0, t.abs().max().item())
-                unit, low = torch.finfo(t.dtype).eps, eps[id(plan)]
-                unit = 2 * (rows + 1) * unit + (4 * low if low > unit else 0.0)
-                tol = tol + unit * bound[name].reshape(-1)
-                r = r.reshape(-1)
-                if not ((r == t) | ((r - t).abs() <= tol + 1e-4 * t.abs())).all():  # inf == inf
-                    raise ValueError(
-                        f"KFAC: the gradient of parameter {name!r} is not accounted for by the "
-                        f"calls of module {plan.path!r}: it is used outside the module's forward "
-                        "(weight tying or a functional call). Exclude it from params or untie it.")
+        verify_coverage(self, out, v, a_list)
