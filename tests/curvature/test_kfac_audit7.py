@@ -221,27 +221,6 @@ def test_layers_under_autocast_get_factors_in_the_parameters_dtype(cls):
             [(x.float(), y.float()) for x, y in signals])
 
 
-class _Recurrent(nn.Module):
-    def __init__(self, cell):
-        super().__init__()
-        self.rnn, self.head = cell(3, 4, batch_first=True), nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.head(self.rnn(x)[0][:, -1])
-
-
-@pytest.mark.parametrize("make", [lambda: _Recurrent(nn.LSTM), lambda: _Recurrent(nn.GRU),
-                                  lambda: nn.Sequential(nn.Linear(3, 3), nn.PReLU(3))])
-def test_other_parameters_torch_func_cannot_batch_are_refused_by_name(make):
-    # PyTorch has no vmap rule for these (an obscure RuntimeError before): name them.
-    model = seeded(make)
-    shape = (3, 3) if isinstance(model, _Recurrent) else (3,)
-    data = regression_data(shape, (2,) if isinstance(model, _Recurrent) else (3,))
-    first = next(n for n, _ in model.named_parameters() if n.startswith(("rnn", "1")))
-    with pytest.raises(ValueError, match=rf"'{first}'.*torch.func.vmap.*Exclude them"):
-        KFAC(model, nn.MSELoss(), data, other="dense")
-
-
 def test_data_parallel_and_non_tensor_outputs_are_refused_clearly():
     data = regression_data((3,), (2,))
     with pytest.raises(ValueError, match=r"DataParallel.*model\.module"):

@@ -39,6 +39,7 @@ from curvkit.curvature.kfac_layers import (
     batch_statistics_norms,
     rule_for,
 )
+from curvkit.curvature.kfac_other import looped_other_gradients, vmap_unsafe_modules
 from curvkit.curvature.kfac_verify import verify_coverage
 from curvkit.curvature.losses import OutputLoss
 
@@ -523,7 +524,8 @@ class FactorPass:
         """Per-example, per-vector gradients ``{name: (N, K, numel)}`` of the other parameters.
 
         ``∂(v_kᵀ f(x_n))/∂θ`` by ``vjp`` of a one-example forward, ``vmap``-ed over vectors and
-        examples: exact for the same vectors as the Kronecker factors.
+        examples: exact for the same vectors as the Kronecker factors. Models that vmap cannot
+        batch (RNNs) or batches wrongly (PReLU) take ``looped_other_gradients`` instead.
         """
         base = {n: p.detach() for n, p in self.engine.params.items()}
         sub = {n: base[n] for n in self.others}
@@ -537,14 +539,21 @@ class FactorPass:
             _, vjp_fn = vjp(f, sub)
             return vmap(vjp_fn)(v)[0]
 
-        try:
-            U = vmap(per_example, in_dims=(x_dims, 1))(batch.X, V)
-        except Exception as err:  # an RNN, PReLU (PyTorch's vmap rules), a one-example failure
-            raise ValueError(
-                f"KFAC: the exact blocks of parameters {self.others} (no Kronecker or norm rule "
-                "for their use) come from torch.func.vmap over one-example forward passes, "
-                f"which this model does not support ({type(err).__name__}: {err}). Exclude "
-                "them via params=.") from err
+        U = None
+        if not vmap_unsafe_modules(self.engine.model):
+            try:
+                U = vmap(per_example, in_dims=(x_dims, 1))(batch.X, V)
+            except Exception:  # noqa: BLE001  (no vmap rule, or a one-example failure: the loop)
+                pass
+        if U is None:
+            try:
+                return looped_other_gradients(self.engine, batch, V, self.others, x_dims)
+            except Exception as err:
+                raise ValueError(
+                    f"KFAC: the exact blocks of parameters {self.others} (no Kronecker or norm "
+                    "rule for their use) come from torch.func.vmap over one-example forward "
+                    "passes (or a loop over the examples where vmap fails), which fail for this "
+                    f"model ({type(err).__name__}: {err}). Exclude them via params=.") from err
         return {n: u.reshape(u.shape[0], u.shape[1], -1) for n, u in U.items()}
 
     # ------------------------------------------------------------------ consistency check
