@@ -233,6 +233,8 @@ class FactorPass:
         # Set when no probe pass slices the output as it slices the input's first dimension.
         self.input_not_batch_first = False
         self._out_numel = 0  # the first batch's output size, for the probes
+        # Whether other_gradients vmaps over the examples (None: not decided yet), or loops
+        self._vmap_others: bool | None = None
         # On CPU, 2-d/3-d convolutions and pooling run about twice as fast channels last; the
         # pass feeds image batches in that layout (the same values), unless the model refuses
         # it on the first batch (e.g. ``x.view`` on a non-contiguous activation).
@@ -540,11 +542,13 @@ class FactorPass:
             return vmap(vjp_fn)(v)[0]
 
         U = None
-        if not vmap_unsafe_modules(self.engine.model):
+        if self._vmap_others is None:  # decided on the first batch, kept for the pass
+            self._vmap_others = not vmap_unsafe_modules(self.engine.model)
+        if self._vmap_others:
             try:
                 U = vmap(per_example, in_dims=(x_dims, 1))(batch.X, V)
             except Exception:  # noqa: BLE001  (no vmap rule, or a one-example failure: the loop)
-                pass
+                self._vmap_others = False
         if U is None:
             try:
                 return looped_other_gradients(self.engine, batch, V, self.others, x_dims)
