@@ -498,14 +498,15 @@ def test_positional_embedding_shared_by_all_examples_is_exact_as_other():
     with pytest.raises(ValueError, match=r"\['pos'\] are called on a tensor shared by all"):
         KFAC(model, loss_fn, data, other="error")
     # EKFAC's correction pass reuses what its factor pass found: no further one-example
-    # forward than KFAC's (the search, and the per-example blocks of the other parameters)
+    # forward than KFAC's (the search, the per-example blocks of the other parameters, and
+    # the plain-autograd check of their first example)
     sizes = []
     model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
     params = [model.pos.weight, model.head.weight]
     KFAC(model, loss_fn, data, params=params, other="dense")
     kfac_singles, sizes[:] = sizes.count(1), []
     E = EKFAC(model, loss_fn, data, params=params, other="dense")
-    assert E.others == ["pos.weight"] and sizes.count(1) == kfac_singles == 2
+    assert E.others == ["pos.weight"] and sizes.count(1) == kfac_singles == 3
 
 
 class _PositionalNormLM(_PositionalLM):

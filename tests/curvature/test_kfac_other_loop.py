@@ -318,3 +318,30 @@ def test_models_failing_one_example_passes_are_refused_by_name():
     with pytest.raises(ValueError, match=r"\['scale'\].*torch\.func\.vmap.*loop.*needs two "
                                          r"examples.*Exclude them"):
         KFAC(seeded(NeedsTwo), nn.MSELoss(), data, other="dense")
+
+
+class _FunctionalPReLU(nn.Module):
+    """``F.prelu`` outside an ``nn.PReLU`` module: ``vmap_unsafe_modules`` cannot see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([0.7, -1.3, 0.4]))
+        self.slope = nn.Parameter(torch.tensor([0.25]))
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.lin(torch.nn.functional.prelu(x * self.scale, self.slope))
+
+
+def test_a_wrong_vmap_batching_rule_unseen_by_module_type_is_caught():
+    # vmap runs, returns wrong gradients for 3 examples and 3 vectors, and the plain-autograd
+    # check of the first example sends the batch to the loop
+    model = seeded(_FunctionalPReLU).double()
+    assert not vmap_unsafe_modules(model)
+    data = regression_data((3,), (3,), sizes=(3,))
+    K = KFAC(model, nn.MSELoss(), data, params=[model.scale, model.slope], other="dense")
+    R = _ggn_without_vmap(model, data, ["scale", "slope"])
+    mask = torch.zeros(4, 4, dtype=torch.bool)  # one dense block per parameter
+    mask[:3, :3] = mask[3:, 3:] = True
+    torch.testing.assert_close(K.to_dense()[mask], R[mask], rtol=1e-10, atol=1e-12)
+    assert (K.to_dense()[~mask] == 0).all()

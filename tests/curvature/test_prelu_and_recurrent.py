@@ -29,3 +29,26 @@ def test_exact_diagonal_of_prelu_models(op, loss_fn, n, outputs):
     A = op(prelu_model(1 if outputs == 1 else 3, outputs), loss_fn, [(X, y), (X[:1] * 2, y[:1])])
     # to_dense() takes products of columns: one vmap level, which PyTorch batches right
     torch.testing.assert_close(A.diagonal(), A.to_dense().diagonal())
+
+
+class _FunctionalPReLU(nn.Module):
+    """``F.prelu`` outside an ``nn.PReLU`` module: no module type tells the vmap bug."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.slope = nn.Parameter(torch.tensor([0.25]))
+
+    def forward(self, x):
+        return self.lin2(torch.nn.functional.prelu(self.lin1(x), self.slope))
+
+
+@pytest.mark.parametrize("op", [GGN, EmpiricalFisher])
+def test_exact_diagonal_checks_the_first_example_against_autograd(op):
+    # vmap runs and is wrong for 3 examples of 3 outputs; the check sends the batch to the loop
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    A = op(_FunctionalPReLU().double(), nn.MSELoss(), [(X, y)])
+    torch.testing.assert_close(A.diagonal(), A.to_dense().diagonal())

@@ -19,7 +19,7 @@ from curvkit.curvature._base import (
     grad_columns,
 )
 from curvkit.curvature.engine import Batch
-from curvkit.curvature.kfac_other import looped_other_gradients, vmap_unsafe_modules
+from curvkit.curvature.kfac_other import agree, looped_other_gradients, vmap_unsafe_modules
 
 __all__ = ["GGN", "OutputSpaceCurvature"]
 
@@ -165,8 +165,14 @@ class OutputSpaceCurvature(CurvatureOperator):
 
             column_chunk = max(1, _DIAGONAL_CHUNK_ENTRIES // self._numel())
             chunk = max(1, _DIAGONAL_CHUNK_ENTRIES // (T * K * self._numel()))
-            d = vmap(per_example, chunk_size=chunk)(batch.X, S)
-            return [t.sum(0) for t in d.values()]
+            d = list(vmap(per_example, chunk_size=chunk)(batch.X, S).values())
+            # A batching rule PyTorch gets wrong would be silent (PReLU's, also through F.prelu,
+            # which vmap_unsafe_modules cannot see): the first example is checked by autograd.
+            first = dataclasses.replace(batch, batch_size=1, X=tree_map(lambda t: t[:1], batch.X))
+            if not agree([t[:1] for t in d], [t[None] for t in
+                                               self._looped_diagonal(first, out[:1], S[:1])]):
+                return self._looped_diagonal(batch, out, S)
+            return [t.sum(0) for t in d]
 
         parts = self.engine.reduce_over_data(per_batch, desc=f"{type(self).__name__}.diagonal",
                                              defer_checks=self._defer_target_checks)

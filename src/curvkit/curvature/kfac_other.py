@@ -18,6 +18,7 @@ their kernels); naming them saves the failed attempt.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from torch.utils._pytree import tree_map
 if TYPE_CHECKING:
     from curvkit.curvature.engine import Batch, DataEngine
 
-__all__ = ["looped_other_gradients", "vmap_unsafe_modules"]
+__all__ = ["looped_other_gradients", "vmap_unsafe_modules", "first_example_agrees", "agree"]
 
 # Modules whose one-example passes torch.func.vmap gets wrong (PReLU) or cannot batch (the rest).
 _VMAP_UNSAFE = (nn.PReLU, nn.RNNBase, nn.RNNCellBase)
@@ -99,7 +100,7 @@ def looped_other_gradients(engine: DataEngine, batch: Batch, V: Tensor, names: S
             else:
                 # PyTorch's batching rules are not all right (PReLU's, see above): the first
                 # example checks them against plain backward passes, once per call.
-                if i == 0 and not _agree(grads, plain := _one_by_one(out, inputs, v)):
+                if i == 0 and not agree(grads, plain := _one_by_one(out, inputs, v)):
                     batched, grads = False, plain
         if grads is None:
             grads = _one_by_one(out, inputs, v)
@@ -110,6 +111,21 @@ def looped_other_gradients(engine: DataEngine, batch: Batch, V: Tensor, names: S
     return U
 
 
+def first_example_agrees(engine: DataEngine, batch: Batch, V: Tensor, names: Sequence[str],
+                         x_dims: Any, U: dict[str, Tensor]) -> bool:
+    """Whether vmapped per-example gradients ``U`` (``{name: (N, K, numel)}``) are right.
+
+    Checks the first example against ``looped_other_gradients`` (plain autograd): a batching
+    rule that PyTorch gets wrong (PReLU's, also through ``F.prelu``, which
+    ``vmap_unsafe_modules`` cannot see) shows there. Costs one example's forward and ``K``
+    backward passes.
+    """
+    first = dataclasses.replace(batch, batch_size=1, X=tree_map(
+        lambda t, d: t if d is None else t[:1], batch.X, x_dims))
+    ref = looped_other_gradients(engine, first, V[:, :1], names, x_dims)
+    return agree([U[n][:1] for n in names], [ref[n] for n in names])
+
+
 def _one_by_one(out: Tensor, inputs: list[Tensor], v: Tensor) -> list[Tensor | None]:
     """``[(K, *input.shape)]``: ``vᵀ ∂out/∂input`` for the ``K`` vectors ``v``, one backward each."""
     per_k = [torch.autograd.grad(out, inputs, v[k], retain_graph=True, allow_unused=True)
@@ -117,7 +133,7 @@ def _one_by_one(out: Tensor, inputs: list[Tensor], v: Tensor) -> list[Tensor | N
     return [None if g[0] is None else torch.stack(g) for g in zip(*per_k)]
 
 
-def _agree(batched: Sequence[Tensor | None], plain: Sequence[Tensor | None]) -> bool:
+def agree(batched: Sequence[Tensor | None], plain: Sequence[Tensor | None]) -> bool:
     """Whether a batched backward's gradients match the plain ones up to rounding.
 
     Orders of summation differ between the two, so they may differ by rounding; a wrong batching

@@ -39,7 +39,11 @@ from curvkit.curvature.kfac_layers import (
     batch_statistics_norms,
     rule_for,
 )
-from curvkit.curvature.kfac_other import looped_other_gradients, vmap_unsafe_modules
+from curvkit.curvature.kfac_other import (
+    first_example_agrees,
+    looped_other_gradients,
+    vmap_unsafe_modules,
+)
 from curvkit.curvature.kfac_verify import verify_coverage
 from curvkit.curvature.losses import OutputLoss
 
@@ -549,6 +553,11 @@ class FactorPass:
                 U = vmap(per_example, in_dims=(x_dims, 1))(batch.X, V)
             except Exception:  # noqa: BLE001  (no vmap rule, or a one-example failure: the loop)
                 self._vmap_others = False
+            else:
+                U = {n: u.reshape(u.shape[0], u.shape[1], -1) for n, u in U.items()}
+                # a wrong batching rule would be silent: the first example is checked
+                if not first_example_agrees(self.engine, batch, V, self.others, x_dims, U):
+                    U, self._vmap_others = None, False
         if U is None:
             try:
                 return looped_other_gradients(self.engine, batch, V, self.others, x_dims)
@@ -558,7 +567,7 @@ class FactorPass:
                     "rule for their use) come from torch.func.vmap over one-example forward "
                     "passes (or a loop over the examples where vmap fails), which fail for this "
                     f"model ({type(err).__name__}: {err}). Exclude them via params=.") from err
-        return {n: u.reshape(u.shape[0], u.shape[1], -1) for n, u in U.items()}
+        return U
 
     # ------------------------------------------------------------------ consistency check
     def verify(self, out: Tensor, v: Tensor, a_list: list[Tensor | None]) -> None:
