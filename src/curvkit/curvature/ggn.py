@@ -127,7 +127,9 @@ class OutputSpaceCurvature(CurvatureOperator):
         Per-example vector-Jacobian products, batched over the columns of each example's factor
         and over examples (in chunks that bound memory). Costs about ``T·K`` backward passes per
         example (``T`` terms, ``K`` factor columns: ``C`` for cross-entropy), so it is meant for
-        small outputs.
+        small outputs. Each batch's first example is recomputed by plain autograd and compared:
+        a batching rule PyTorch gets wrong (PReLU's) sends the batch to a loop over examples,
+        which recurrent and PReLU models take from the start.
         """
         coupled = self.engine.batch_statistics_modules()
         if coupled:
