@@ -123,28 +123,53 @@ def supported_params(model):
             for p in m.parameters(recurse=False)]
 
 
-def run_model(name, args):
-    g = torch.Generator().manual_seed(0)
+# The compared configuration: MC Fisher, one sample, bias separate from the weight.
+OURS = dict(fisher="mc", mc_samples=1, check_deterministic=False, separate_bias=True)
+
+
+def setup(name, args, g):
+    """Model, input, targets, loss, data and compared parameters of case ``name`` on the device
+    (data drawn from the generator ``g``)."""
     torch.manual_seed(0)
     model, X, y = make_case(name, args, g)
     model = model.float().to(args.device)
     X, y = X.to(args.device), y.to(args.device)
-    loss_fn = nn.CrossEntropyLoss()
-    data = [(X, y)]
-    params = supported_params(model)
-    opts = dict(fisher="mc", mc_samples=1, check_deterministic=False, separate_bias=True)
+    return model, X, y, nn.CrossEntropyLoss(), [(X, y)], supported_params(model)
+
+
+def curvlinops_kfac(model, loss_fn, params, data):
+    """curvlinops's operator in ``OURS``'s configuration (factors not yet computed)."""
+    return curvlinops.KFACLinearOperator(model, loss_fn, params, data, fisher_type="mc",
+                                         mc_samples=1, check_deterministic=False,
+                                         separate_weight_and_bias=True)
+
+
+def add_case_args(p):
+    """The options that pick the models, their sizes and the device."""
+    p.add_argument("--models", default="mlp,cnn,transformer")
+    p.add_argument("--mlp-batch", type=int, default=512)
+    p.add_argument("--cnn-batch", type=int, default=256)
+    p.add_argument("--lm-batch", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--context", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="e.g. cuda (timings synchronise the device)")
+
+
+def run_model(name, args):
+    g = torch.Generator().manual_seed(0)
+    model, X, y, loss_fn, data, params = setup(name, args, g)
 
     def grad():
         model.zero_grad()
         loss_fn(model(X), y).backward()
 
     def ours():
-        return KFAC(model, loss_fn, data, params=params, **opts)
+        return KFAC(model, loss_fn, data, params=params, **OURS)
 
     def theirs():
-        K = curvlinops.KFACLinearOperator(model, loss_fn, params, data, fisher_type="mc",
-                                          mc_samples=1, check_deterministic=False,
-                                          separate_weight_and_bias=True)
+        K = curvlinops_kfac(model, loss_fn, params, data)
         K.compute_kronecker_factors()
         return K
 
@@ -194,7 +219,7 @@ def run_model(name, args):
     if name == "cnn" and not args.skip_ekfac:
         # EKFAC = KFAC factors + eigendecompositions + the correction pass; the last two are
         # timed separately through EKFAC's private stages.
-        E = EKFAC(model, loss_fn, data, params=params, compute=False, **opts)
+        E = EKFAC(model, loss_fn, data, params=params, compute=False, **OURS)
         eig, corr, grads = [], [], []
         KFAC.compute(E)
         E._eigenbases()
@@ -225,18 +250,10 @@ def fmt(x, spec=".2f"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="mlp,cnn,transformer")
-    p.add_argument("--mlp-batch", type=int, default=512)
-    p.add_argument("--cnn-batch", type=int, default=256)
-    p.add_argument("--lm-batch", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--context", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
+    add_case_args(p)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--damping", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu", help="e.g. cuda (timings synchronise the device)")
     p.add_argument("--skip-ekfac", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats (smoke test)")
     p.add_argument("--out", default=str(RESULTS / "kfac.json"))

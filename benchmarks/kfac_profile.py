@@ -16,23 +16,15 @@ import argparse
 import collections
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kfac import RESULTS, make_case, supported_params  # noqa: E402
+from kfac import OURS, RESULTS, add_case_args, curvlinops, curvlinops_kfac, setup  # noqa: E402
 
 from curvkit.curvature.kfac import KFAC  # noqa: E402
-
-warnings.filterwarnings("ignore")
-try:
-    import curvlinops
-except ImportError:  # the comparison is optional
-    curvlinops = None
 
 SYNC_NAMES = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
               "cudaMemcpy")
@@ -62,20 +54,10 @@ def summary(c):
 
 
 def run_model(name, args):
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model, X, y = make_case(name, args, g)
-    model = model.float().to(args.device)
-    X, y = X.to(args.device), y.to(args.device)
-    loss_fn, data, params = nn.CrossEntropyLoss(), [(X, y)], supported_params(model)
-    op = KFAC(model, loss_fn, data, params=params, fisher="mc", mc_samples=1,
-              check_deterministic=False, separate_bias=True)
-    libs = {"ours": op.compute}
+    model, X, y, loss_fn, data, params = setup(name, args, torch.Generator().manual_seed(0))
+    libs = {"ours": KFAC(model, loss_fn, data, params=params, **OURS).compute}
     if curvlinops is not None:
-        K = curvlinops.KFACLinearOperator(model, loss_fn, params, data, fisher_type="mc",
-                                          mc_samples=1, check_deterministic=False,
-                                          separate_weight_and_bias=True)
-        libs["curvlinops"] = K.compute_kronecker_factors
+        libs["curvlinops"] = curvlinops_kfac(model, loss_fn, params, data).compute_kronecker_factors
 
     def grad():
         model.zero_grad()
@@ -94,16 +76,8 @@ def run_model(name, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="mlp,cnn,transformer")
-    p.add_argument("--mlp-batch", type=int, default=512)
-    p.add_argument("--cnn-batch", type=int, default=256)
-    p.add_argument("--lm-batch", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--context", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
+    add_case_args(p)
     p.add_argument("--top", type=int, default=25, help="ops listed where the counts differ")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(RESULTS / "kfac_profile.json"))
     args = p.parse_args(argv)
     rows = [run_model(m, args) for m in args.models.split(",")]
