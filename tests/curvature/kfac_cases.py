@@ -123,6 +123,21 @@ class MeanOverPositions(nn.Module):
         return x.mean(dim=1)
 
 
+class WithFreeParameters(nn.Module):
+    """Linear layers with free parameters (``scale``, ``shift``) used outside any layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.scale = nn.Parameter(torch.tensor([0.7, 1.3, -0.4, 1.1]))
+        self.shift = nn.Parameter(torch.randn(2, 2))
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x) * self.scale + self.shift.reshape(-1))
+        return self.out(h)
+
+
 def seeded(fn, seed=0):
     torch.manual_seed(seed)  # test-only: deterministic module initialisation
     return fn()

@@ -7,6 +7,7 @@ import torch
 from kfac_cases import (
     ChannelsLast,
     FunctionalReuse,
+    WithFreeParameters,
     class_data,
     dense_ggn,
     layer_mask,
@@ -168,19 +169,6 @@ def test_norm_blocks_equal_the_ggn_blocks(norm, separate_bias):
     groups = [[n] for n in norm_names] if separate_bias else [norm_names]
     mask = layer_mask(model, groups)
     torch.testing.assert_close(K[mask], R[mask])
-
-
-class WithFreeParameters(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(3, 4)
-        self.scale = nn.Parameter(torch.tensor([0.7, 1.3, -0.4, 1.1]))
-        self.shift = nn.Parameter(torch.randn(2, 2))
-        self.out = nn.Linear(4, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.lin(x) * self.scale + self.shift.reshape(-1))
-        return self.out(h)
 
 
 @pytest.mark.parametrize("other", ["diagonal", "dense"])

@@ -9,6 +9,7 @@ gradients and GGN blocks that match references built without vmap:
 import pytest
 import torch
 from kfac_cases import (
+    WithFreeParameters,
     cat_data,
     dense_ggn,
     flat_call,
@@ -38,16 +39,9 @@ class _Recurrent(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
-class _FreeFromDict(nn.Module):
-    """Linear layers with free parameters used functionally; a mapping input with shared
-    entries (a 0-d gain, a flag) next to per-example ones."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(3, 4)
-        self.scale = nn.Parameter(torch.tensor([0.7, 1.3, -0.4, 1.1]))
-        self.shift = nn.Parameter(torch.randn(2, 2))
-        self.out = nn.Linear(4, 3)
+class _FreeFromDict(WithFreeParameters):
+    """``WithFreeParameters`` on a mapping input with shared entries (a 0-d gain, a flag) next
+    to per-example ones."""
 
     def forward(self, X):
         h = torch.tanh(self.lin(X["a"]) * self.scale * X["gain"] + self.shift.reshape(-1))

@@ -69,3 +69,15 @@ def standard_laplacian(params):
         return X2.sum(0)
 
     return fn
+
+
+def assert_jet_matches(f, x0, series, reference=None, *, tol=1e-10):
+    """curvkit's ``jet(f, K)`` at ``x0`` equals ``jet_reference`` of ``reference`` (default
+    ``f``), value and all ``K = len(series)`` coefficients."""
+    from curvkit.taylor import jet
+
+    value, coefficients = jet(f, len(series))(x0, series)
+    expected = jet_reference(f if reference is None else reference, x0, series)
+    for ours, ref in zip([value, *coefficients], expected, strict=True):
+        torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+
