@@ -9,8 +9,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from curvkit.curvature.engine import Batch, DataEngine, group_params, resolve_params
+from curvkit.curvature.engine import Batch, DataEngine
 from curvkit.curvature.losses import output_loss
+from curvkit.curvature.params import group_params, resolve_params
 from curvkit.linalg import BlockDiagonal, LinearOperator
 
 __all__ = ["CurvatureOperator"]

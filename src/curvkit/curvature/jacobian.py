@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from curvkit.curvature._base import join_columns, not_movable, split_columns
-from curvkit.curvature.engine import DataEngine, resolve_params
+from curvkit.curvature.engine import DataEngine
+from curvkit.curvature.params import resolve_params
 from curvkit.linalg import LinearOperator
 
 __all__ = ["Jacobian"]

@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from curvkit.curvature.engine import DataEngine, resolve_params
+from curvkit.curvature.engine import DataEngine
 from curvkit.curvature.kfac_blocks import Block, JointRows, PermutedBlocks
 from curvkit.curvature.kfac_layers import gram_and_side, grouped_gram
 from curvkit.curvature.kfac_pass import (
@@ -53,6 +53,7 @@ from curvkit.curvature.kfac_pass import (
 from curvkit.curvature.kfac_state import LayerSpec, check_state
 from curvkit.curvature.kfac_verify import check_layers
 from curvkit.curvature.losses import output_loss
+from curvkit.curvature.params import resolve_params
 from curvkit.linalg import LinearOperator
 
 __all__ = ["KFAC"]
