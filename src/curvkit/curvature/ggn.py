@@ -149,9 +149,9 @@ class OutputSpaceCurvature(CurvatureOperator):
             out = self._output(batch, params).detach()
             S = self._factor(batch, out)  # (N, T, C, K)
             N, T, C, K = S.shape
-            eye = torch.eye(T, dtype=S.dtype, device=S.device)
             if looped:
                 return self._looped_diagonal(batch, out, S)
+            eye = torch.eye(T, dtype=S.dtype, device=S.device)
 
             def per_example(x, s):  # x: one example; s: (T, C, K)
                 def f1(p):

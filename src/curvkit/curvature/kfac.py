@@ -161,6 +161,9 @@ class KFAC(LinearOperator):
         self.specs: list[LayerSpec] = []
         self.others: list[str] = []
         self.factors: dict[str, dict[str, Tensor]] = {}
+        # the model's wiring as the first compute() finds it (None: not searched yet)
+        self._shared_paths: list[str] | None = None
+        self._unbatched_paths: list[str] = []
         self._op: PermutedBlocks | None = None
         if compute:
             self.compute()
@@ -179,8 +182,7 @@ class KFAC(LinearOperator):
                         check=self._check, per_example=per_example)
         # The model's wiring (inputs shared by all examples, sequence-first layers) as the
         # first compute() found it: a recompute runs no probe forward
-        fp.shared_paths = getattr(self, "_shared_paths", None)
-        fp.unbatched_paths = getattr(self, "_unbatched_paths", [])
+        fp.shared_paths, fp.unbatched_paths = self._shared_paths, self._unbatched_paths
         return fp
 
     def _generator(self) -> torch.Generator:
