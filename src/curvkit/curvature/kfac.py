@@ -50,7 +50,7 @@ from curvkit.curvature.kfac_pass import (
     plan_layers,
     type2_positions,
 )
-from curvkit.curvature.kfac_state import LayerSpec, check_state
+from curvkit.curvature.kfac_state import LayerSpec, check_header, check_state
 from curvkit.curvature.kfac_verify import check_layers
 from curvkit.curvature.losses import output_loss
 from curvkit.curvature.params import resolve_params
@@ -569,20 +569,7 @@ class KFAC(LinearOperator):
             ValueError: If the state is of another operator type, options or parameters, or its
                 layers and factor shapes are not this model's.
         """
-        name = type(self).__name__
-        if state.get("type") != name:
-            raise ValueError(f"{name}.load_state_dict: state is of {state.get('type')!r}.")
-        missing = {"options", "params", "layers", "others", "factors"} - set(state)
-        if missing:
-            raise ValueError(f"{name}.load_state_dict: the state lacks {sorted(missing)}.")
-        mine = self._options()
-        if state["options"] != mine:
-            raise ValueError(f"{name}.load_state_dict: options differ: saved {state['options']}, "
-                             f"this operator {mine}.")
-        shapes = {n: tuple(p.shape) for n, p in self.engine.params.items()}
-        if dict(state["params"]) != shapes:
-            raise ValueError(f"{name}.load_state_dict: parameters differ: saved "
-                             f"{state['params']}, this operator {shapes}.")
+        check_header(self, state)
         specs = [LayerSpec(**s) for s in state["layers"]]
         others = list(state["others"])
         check_state(self, specs, others, state["factors"])

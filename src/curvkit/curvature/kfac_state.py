@@ -1,4 +1,4 @@
-"""What a saved KFAC state holds per layer, and the check that it is this model's."""
+"""What a saved KFAC state holds per layer, and the checks that it is this operator's."""
 
 from __future__ import annotations
 
@@ -24,6 +24,24 @@ class LayerSpec:
         order = plan.rule.order if plan.is_kron else ""
         return cls(plan.path, "kron" if plan.is_kron else "norm", order, plan.weight, plan.bias,
                    plan.joint)
+
+
+def check_header(op, state: dict) -> None:
+    """Refuse a state of another operator type, options or parameters than ``op``'s."""
+    name = type(op).__name__
+    if state.get("type") != name:
+        raise ValueError(f"{name}.load_state_dict: state is of {state.get('type')!r}.")
+    missing = {"options", "params", "layers", "others", "factors"} - set(state)
+    if missing:
+        raise ValueError(f"{name}.load_state_dict: the state lacks {sorted(missing)}.")
+    mine = op._options()
+    if state["options"] != mine:
+        raise ValueError(f"{name}.load_state_dict: options differ: saved {state['options']}, "
+                         f"this operator {mine}.")
+    shapes = {n: tuple(p.shape) for n, p in op.engine.params.items()}
+    if dict(state["params"]) != shapes:
+        raise ValueError(f"{name}.load_state_dict: parameters differ: saved "
+                         f"{state['params']}, this operator {shapes}.")
 
 
 def check_state(op, specs: list[LayerSpec], others: list[str], factors: dict) -> None:
