@@ -23,9 +23,9 @@ from torch.autograd.functional import jacobian
 
 from curvkit.curvature.engine import Batch, DataEngine
 from curvkit.curvature.kfac import KFAC
-from curvkit.curvature.kfac_other import looped_other_gradients, vmap_unsafe_modules
 from curvkit.curvature.kfac_pass import FactorPass, _example_dims, plan_layers
 from curvkit.curvature.losses import output_loss
+from curvkit.curvature.per_example_loop import looped_other_gradients, vmap_unsafe_modules
 
 
 class _Recurrent(nn.Module):
@@ -237,7 +237,7 @@ def test_the_dense_reference_without_vmap_is_the_ggn():
 
 
 @pytest.mark.parametrize("case", list(MODELS))
-def test_kfac_other_blocks_from_the_loop_are_the_exact_ggn_blocks(case, monkeypatch):
+def test_per_example_loop_blocks_from_the_loop_are_the_exact_ggn_blocks(case, monkeypatch):
     # The wiring the patch adds: other_gradients falls back to the loop where vmap fails.
     def looped(self, batch, V):
         return looped_other_gradients(self.engine, batch, V, self.others, _example_dims(batch))
@@ -276,7 +276,7 @@ class _ScaledPReLU(nn.Module):
 
 @pytest.mark.parametrize("other", ["dense", "diagonal"])
 @pytest.mark.parametrize("case", [*MODELS, "prelu_upstream"])
-def test_kfac_other_blocks_of_models_vmap_cannot_batch_are_exact(case, other):
+def test_per_example_loop_blocks_of_models_vmap_cannot_batch_are_exact(case, other):
     # Refused before (LSTM, GRU, cells: no vmap rule), or silently wrong: vmap's PReLU backward
     # with as many examples as vectors (3 examples, 3 type-2 vectors) was off by 5%.
     if case == "prelu_upstream":  # one batch of 3: the old code ran through, wrong

@@ -19,7 +19,7 @@ from curvkit.curvature._base import (
     grad_columns,
 )
 from curvkit.curvature.engine import Batch
-from curvkit.curvature.kfac_other import agree, looped_other_gradients, vmap_unsafe_modules
+from curvkit.curvature.per_example_loop import agree, looped_other_gradients, vmap_unsafe_modules
 
 __all__ = ["GGN", "OutputSpaceCurvature"]
 

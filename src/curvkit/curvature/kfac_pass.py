@@ -39,13 +39,13 @@ from curvkit.curvature.kfac_layers import (
     batch_statistics_norms,
     rule_for,
 )
-from curvkit.curvature.kfac_other import (
+from curvkit.curvature.kfac_verify import verify_coverage
+from curvkit.curvature.losses import OutputLoss
+from curvkit.curvature.per_example_loop import (
     first_example_agrees,
     looped_other_gradients,
     vmap_unsafe_modules,
 )
-from curvkit.curvature.kfac_verify import verify_coverage
-from curvkit.curvature.losses import OutputLoss
 
 __all__ = ["LayerPlan", "plan_layers", "FactorPass", "type2_positions"]
 

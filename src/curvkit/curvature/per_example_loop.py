@@ -1,5 +1,6 @@
-"""Per-example gradients of KFAC's "other" parameters by a loop over the examples.
+"""Per-example vector-Jacobian products by a loop over the examples, where vmap fails.
 
+Used by KFAC's "other" blocks and by the exact diagonals of the GGN family.
 ``FactorPass.other_gradients`` gets ``U[n, k] = ∂(v_kᵀ f(x_n))/∂θ`` from ``torch.func.vmap``
 over one-example forward passes. PyTorch cannot batch some modules there (``nn.LSTM``,
 ``nn.GRU``: fused ``_VF`` kernels without a vmap rule) or batches them wrongly (``nn.PReLU``,
